@@ -1,0 +1,35 @@
+"""Install the attribute model (imbalanced_attr), the fine-grained ports
+(fgvc_gluon) and the shared training runtime (training_runtime).
+
+The MXNet build is an extra so the same package serves CPU laptops and GPU
+machines:  pip install -e '.[cpu]'  or  pip install -e '.[gpu]'.
+"""
+from setuptools import find_packages, setup
+
+setup(
+    name="imbalanced-attr-gluon",
+    version="0.1.0",
+    description=("Gluon ports of imbalanced attribute classification (ECCV 2018) "
+                 "and of MC-Loss, S3N and center loss"),
+    packages=find_packages(include=["imbalanced_attr*", "fgvc_gluon*", "training_runtime*"]),
+    py_modules=["train_attr", "train_fgvc"],
+    python_requires=">=3.8",
+    install_requires=[
+        "gluoncv==0.10.5.post0",
+        "numpy<1.24",          # mxnet 1.9.1 breaks on numpy >= 1.24
+        # keep gluoncv's own dependencies on numpy 1.x releases
+        "scipy<1.12",
+        "opencv-python<4.9",
+        "pandas<2.2",
+        "matplotlib<3.9",
+        "tqdm",
+        "Pillow",
+    ],
+    extras_require={
+        "cpu": ["mxnet==1.9.1"],
+        "gpu": ["mxnet-cu112==1.9.1"],
+        # scikit-learn is a test-only cross-check of our own AP code; 1.3.2 is the
+        # version the golden cases were computed with.
+        "test": ["pytest", "scikit-learn==1.3.2"],
+    },
+)
