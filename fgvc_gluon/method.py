@@ -30,9 +30,18 @@ class FGVCMethod(object):
 
     name = None
     net = None
-    #: upstream training settings: lr, momentum, wd, batch_size, epochs,
-    #: lr_steps (epochs where lr is multiplied by lr_factor), lr_factor,
-    #: image_size, normalisation
+    #: upstream training settings, keys:
+    #:   lr, momentum, wd, batch_size, epochs,
+    #:   lr_steps (list of epochs where the lr is multiplied by lr_factor), lr_factor,
+    #:   image_size (int: side of the network input, train and eval),
+    #:   resize (int or None: eval resizes the short side to this, then center-crops
+    #:           image_size; None resizes straight to image_size),
+    #:   train_crop ('random_resized' | 'pad_random' | 'resize'),
+    #:   crop_scale ((lo, hi) area fraction for 'random_resized'),
+    #:   pad (int, zero padding for 'pad_random'; the image is first resized to image_size),
+    #:   flip (bool, random horizontal flip in training),
+    #:   mean, std (3-tuples on 0-1 pixels).
+    #: fgvc_gluon.data.make_transform(defaults, train) turns these into gluon transforms.
     defaults = {}
 
     def param_groups(self):
