@@ -1,0 +1,99 @@
+"""The embedded real demo data: Fashion-MNIST read straight from its idx files.
+
+Debian's ``dataset-fashion-mnist`` installs the four ``*-idx?-ubyte.gz`` files
+under /usr/share/datasets/fashion-mnist. Gluon's own FashionMNIST class
+rejects them and tries to download, so we read the idx format directly.
+
+The attribute demo learns clothing attributes *derived from the classes*
+(``ATTRIBUTES``): each attribute is a fixed function of the product class,
+e.g. ``footwear`` = sandal, sneaker or ankle boot.
+"""
+import gzip
+import os
+import struct
+
+import numpy as np
+
+from .errors import UserError
+
+DEFAULT_DIR = "/usr/share/datasets/fashion-mnist"
+CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+           "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+SPLIT_FILES = {
+    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
+}
+# attribute name -> the classes that have it (positive rates 10% to 40%)
+ATTRIBUTES = (
+    ("footwear", (5, 7, 9)),
+    ("upper_body", (0, 2, 4, 6)),
+    ("long_sleeves", (2, 4, 6)),
+    ("legwear", (1,)),
+    ("one_piece", (3,)),
+    ("open_toe", (5,)),
+    ("ankle_high", (9,)),
+    ("carried", (8,)),
+    ("outerwear", (4,)),
+)
+ATTRIBUTE_NAMES = tuple(name for name, _ in ATTRIBUTES)
+MISSING_HELP = ("Fashion-MNIST demo data not found in %s: install Debian's package "
+                "dataset-fashion-mnist (apt-get install dataset-fashion-mnist) or pass "
+                "--data-dir DIR holding train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, "
+                "t10k-images-idx3-ubyte.gz and t10k-labels-idx1-ubyte.gz")
+
+
+def _read_idx(path, expected_dims):
+    """Read one idx(.gz) file into a uint8 numpy array."""
+    opener = gzip.open if path.endswith(".gz") else open
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as err:
+        raise UserError("%s: expected a readable idx file (%s)" % (path, err))
+    if len(raw) < 4:
+        raise UserError("%s: expected an idx file, got %d bytes" % (path, len(raw)))
+    zero, dtype_code, ndim = struct.unpack(">HBB", raw[:4])
+    if zero != 0 or dtype_code != 0x08 or ndim != expected_dims:
+        raise UserError("%s: expected an idx file of unsigned bytes with %d dimensions"
+                        % (path, expected_dims))
+    shape = struct.unpack(">" + "I" * ndim, raw[4:4 + 4 * ndim])
+    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+    if data.size != int(np.prod(shape)):
+        raise UserError("%s: header promises %s values, file holds %d (truncated?)"
+                        % (path, "x".join(map(str, shape)), data.size))
+    return data.reshape(shape)
+
+
+def find_files(data_dir=None):
+    """Directory holding the four idx files, or a UserError saying how to get them."""
+    data_dir = data_dir or DEFAULT_DIR
+    for images, labels in SPLIT_FILES.values():
+        for name in (images, labels):
+            if not os.path.isfile(os.path.join(data_dir, name)):
+                raise UserError(MISSING_HELP % data_dir)
+    return data_dir
+
+
+def load_split(split="train", data_dir=None):
+    """(images N×28×28 uint8, labels (N,) int32) of one split ('train' or 'test')."""
+    data_dir = find_files(data_dir)
+    image_file, label_file = (os.path.join(data_dir, f) for f in SPLIT_FILES[split])
+    images = _read_idx(image_file, 3)
+    labels = _read_idx(label_file, 1).astype(np.int32)
+    if len(images) != len(labels):
+        raise UserError("%s: %d images but %s has %d labels"
+                        % (image_file, len(images), label_file, len(labels)))
+    return images, labels
+
+
+def class_attributes():
+    """(10, A) float32 0/1 matrix: which derived attribute each class has."""
+    table = np.zeros((len(CLASSES), len(ATTRIBUTES)), np.float32)
+    for a, (_, classes) in enumerate(ATTRIBUTES):
+        table[list(classes), a] = 1
+    return table
+
+
+def attribute_labels(class_labels):
+    """(N,) class indices -> (N, A) attribute labels in the WIDER convention (1 / -1)."""
+    return class_attributes()[np.asarray(class_labels)] * 2 - 1
