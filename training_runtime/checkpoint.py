@@ -1,0 +1,232 @@
+"""Complete, atomic training checkpoints for exact resume.
+
+A checkpoint is one uncompressed ``.npz`` file (read back with
+``allow_pickle=False``) holding:
+
+- ``param/<block>/<name>``: every parameter of every block (BatchNorm running
+  statistics included), named structurally (``features.0.weight``) so the
+  names do not depend on Gluon's global prefix counters;
+- ``trainer/<name>``: each Trainer's ``save_states`` bytes (optimizer with its
+  momentum buffers) as a uint8 array;
+- ``extra/<name>/<key>``: arrays of extra state dicts (e.g. the prediction
+  history); their plain numbers go to the JSON record;
+- ``rng/numpy``: numpy's global MT19937 key;
+- ``record``: one JSON string with ``meta`` (what the run is: script, model,
+  dataset, number of classes; checked on resume), ``progress`` (epoch, step,
+  position in the data order, partial epoch sums, best metric...),
+  ``schedule`` (the lr state), the python ``random`` state and the rest of
+  numpy's.
+
+MXNet's own RNG state cannot be read back, so the runtime makes all
+randomness a function of (seed, epoch, step) by reseeding every generator
+before each step (``training_runtime.loop.reseed``); the saved python/numpy
+states only matter for randomness outside the steps.
+
+Writes are atomic: the file is written under a hidden temporary name in the
+same directory, flushed and fsync'ed, then ``os.replace``'d over the old one
+and the directory fsync'ed; a crash at any point leaves the previous
+checkpoint intact. Free disk space is checked before anything is written.
+Parameters that are not finite are never written (:class:`DivergedError`).
+"""
+import json
+import os
+import random
+import shutil
+import tempfile
+import zipfile
+
+import mxnet as mx
+import numpy as np
+
+from .errors import UserError
+
+FORMAT = "training_runtime-checkpoint-1"
+LAST, BEST = "last.ckpt", "best.ckpt"
+_MB = 1024.0 * 1024.0
+SAFETY_BYTES = 1 << 20  # zip headers, JSON record
+
+
+class DivergedError(UserError):
+    """Training produced non-finite values; the last good checkpoint is kept."""
+
+
+def _param_dict(block):
+    """Structural name -> Parameter (the names Block.save_parameters uses)."""
+    return block._collect_params_with_prefix()
+
+
+def _trainer_state_bytes(trainer, workdir):
+    """The bytes ``Trainer.save_states`` writes (optimizer + momentum)."""
+    fd, path = tempfile.mkstemp(prefix=".trainer-", dir=workdir)
+    os.close(fd)
+    try:
+        trainer.save_states(path)
+        with open(path, "rb") as f:
+            return f.read()
+    finally:
+        os.remove(path)
+
+
+def _load_trainer_state(trainer, data, workdir):
+    fd, path = tempfile.mkstemp(prefix=".trainer-", dir=workdir)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        trainer.load_states(path)
+    finally:
+        os.remove(path)
+
+
+def check_free_space(directory, needed_bytes):
+    """UserError if ``directory`` has less than ``needed_bytes`` free."""
+    free = shutil.disk_usage(directory).free
+    if free < needed_bytes:
+        raise UserError("not enough disk space in %s: need %.1f MB, have %.1f MB"
+                        % (directory, needed_bytes / _MB, free / _MB))
+
+
+def _write_npz(fileobj, arrays):
+    """The payload writer (a separate function so tests can simulate a crash mid-write)."""
+    np.savez(fileobj, **arrays)
+
+
+def atomic_write(path, arrays, needed_bytes):
+    """Write ``arrays`` as an npz at ``path`` atomically, after a disk-space check."""
+    directory = os.path.dirname(os.path.abspath(path))
+    check_free_space(directory, needed_bytes)
+    fd, tmp = tempfile.mkstemp(prefix=".%s.tmp-" % os.path.basename(path), dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            _write_npz(f, arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    dir_fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def capture(blocks, trainers, schedule, progress, meta, extra=None, workdir="."):
+    """Snapshot of the whole training state as a dict of numpy arrays.
+
+    blocks: ordered dict name -> Block; trainers: dict name -> gluon.Trainer;
+    schedule: an LRSchedule; progress: JSON-able dict that must hold ``step``;
+    meta: JSON-able dict describing the run (compared on resume);
+    extra: dict name -> state dict of numpy arrays and plain numbers.
+    Raises :class:`DivergedError` if any parameter is not finite.
+    """
+    param_bytes = sum(int(np.prod(p.shape)) * np.dtype(p.dtype).itemsize
+                      for block in blocks.values() for p in _param_dict(block).values())
+    # parameters + one momentum buffer each; checked again once the exact size is known
+    check_free_space(workdir, 2 * param_bytes + SAFETY_BYTES)
+    arrays = {}
+    for block_name, block in blocks.items():
+        for name, param in _param_dict(block).items():
+            value = param.list_data()[0].asnumpy()
+            if not np.all(np.isfinite(value)):
+                raise DivergedError(
+                    "training diverged: parameter %s/%s is not finite at step %d "
+                    "(lower --lr?); the last good checkpoint is kept"
+                    % (block_name, name, progress["step"]))
+            arrays["param/%s/%s" % (block_name, name)] = value
+    for name, trainer in trainers.items():
+        arrays["trainer/" + name] = np.frombuffer(_trainer_state_bytes(trainer, workdir), np.uint8)
+    extra_numbers = {}
+    for name, state in (extra or {}).items():
+        extra_numbers[name] = {}
+        for key, value in state.items():
+            if isinstance(value, (np.ndarray, mx.nd.NDArray)):
+                arrays["extra/%s/%s" % (name, key)] = (
+                    value.asnumpy() if isinstance(value, mx.nd.NDArray) else value)
+            else:
+                extra_numbers[name][key] = value
+    np_state = np.random.get_state()
+    arrays["rng/numpy"] = np_state[1]
+    record = {
+        "format": FORMAT, "meta": meta, "progress": progress,
+        "schedule": schedule.state_dict(), "extra": extra_numbers,
+        "python_random": _jsonable(random.getstate()),
+        "numpy_random": [np_state[0], int(np_state[2]), int(np_state[3]), float(np_state[4])],
+    }
+    arrays["record"] = np.array(json.dumps(record))
+    return arrays
+
+
+def _jsonable(value):
+    return [_jsonable(v) for v in value] if isinstance(value, (tuple, list)) else value
+
+
+def _tuples(value):
+    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
+
+
+def payload_bytes(arrays):
+    return sum(a.nbytes for a in arrays.values()) + SAFETY_BYTES
+
+
+def save(path, arrays):
+    """Write a :func:`capture` snapshot to ``path`` atomically."""
+    atomic_write(path, arrays, payload_bytes(arrays))
+
+
+def read(path, flag="--resume"):
+    """(record dict, arrays dict) of a checkpoint file, or a UserError naming ``path``."""
+    if not os.path.isfile(path):
+        raise UserError("%s: checkpoint %s not found" % (flag, path))
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {k: data[k] for k in data.files}
+        record = json.loads(str(arrays.pop("record")))
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as err:
+        raise UserError("%s: %s is not a readable checkpoint (%s)" % (flag, path, err))
+    if record.get("format") != FORMAT:
+        raise UserError("%s: %s is not a checkpoint of this program (format %r, expected %r)"
+                        % (flag, path, record.get("format"), FORMAT))
+    return record, arrays
+
+
+def restore(path, blocks, trainers, schedule, meta, flag="--resume"):
+    """Load a checkpoint into the given objects; returns (progress, extra).
+
+    ``meta`` must equal the checkpoint's (same script, model, dataset, classes);
+    every parameter and trainer must be present with the same shapes.
+    extra: dict name -> state dict (arrays and numbers) for the caller to load.
+    """
+    record, arrays = read(path, flag)
+    saved = record["meta"]
+    for key, value in meta.items():
+        if saved.get(key) != value:
+            raise UserError("%s: %s was written for %s=%r, this run has %s=%r"
+                            % (flag, path, key, saved.get(key), key, value))
+    for block_name, block in blocks.items():
+        for name, param in _param_dict(block).items():
+            key = "param/%s/%s" % (block_name, name)
+            if key not in arrays:
+                raise UserError("%s: %s has no parameter %s/%s (different model?)"
+                                % (flag, path, block_name, name))
+            if arrays[key].shape != param.shape:
+                raise UserError("%s: %s holds %s/%s of shape %s, the model expects %s"
+                                % (flag, path, block_name, name, arrays[key].shape, param.shape))
+            param.set_data(mx.nd.array(arrays[key], dtype=arrays[key].dtype))
+    workdir = os.path.dirname(os.path.abspath(path))
+    for name, trainer in trainers.items():
+        if "trainer/" + name not in arrays:
+            raise UserError("%s: %s has no optimizer state for %s (different model or options?)"
+                            % (flag, path, name))
+        _load_trainer_state(trainer, arrays["trainer/" + name].tobytes(), workdir)
+    schedule.load_state_dict(record["schedule"])
+    random.setstate(_tuples(record["python_random"]))
+    kind, pos, has_gauss, gauss = record["numpy_random"]
+    np.random.set_state((kind, arrays["rng/numpy"], pos, has_gauss, gauss))
+    extra = {name: dict(numbers) for name, numbers in record["extra"].items()}
+    for key, value in arrays.items():
+        if key.startswith("extra/"):
+            _, name, field = key.split("/", 2)
+            extra.setdefault(name, {})[field] = value
+    return record["progress"], extra
