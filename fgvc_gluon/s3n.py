@@ -1,0 +1,625 @@
+"""S3N, Selective Sparse Sampling (Ding et al., ICCV 2019), ported to Gluon.
+
+Upstream: ``Yao-DD/S3N`` (PyTorch 0.4.1), ``sss_net.py`` and ``losses.py``.
+Design reference: ``SPEC.md`` §2.2; the quirks S3N-1 … S3N-16 are those of
+``golden/MANIFEST.md``.
+
+What lives here
+---------------
+- :func:`make_gaussian`, :func:`gaussian_kernel`, :func:`find_peaks`,
+  :func:`create_grid`: the upstream helpers, one to one.
+- :func:`generate_map`: class response maps → (zoomed, complementary) images.
+  Vectorised over the batch and over the peaks: every one of the 31×31 grid
+  positions is a candidate peak; a 0/1 peak mask decides which ones count.
+  The Gaussian of a peak is separable, so the sum over peaks of
+  ``w_i · K_i`` is one batched matrix product per map (see
+  :func:`_sparse_attention`).
+- :class:`S3N`: the whole network (a HybridBlock; ``net(x, p)``).
+- :func:`multi_smooth_loss`: the upstream criterion.
+- :func:`build_method`: the :class:`~fgvc_gluon.method.FGVCMethod` adapter.
+
+Behaviour that differs from upstream (each documented where it happens)
+-----------------------------------------------------------------------
+- Crash cases (S3N-1, S3N-2): a decide map without peaks, and a constant decide
+  map (0/0 in the min-max normalisation), raise NameError upstream. Here both
+  give maps of only ``base_ratio`` for Q_d and Q_c (the "fixed" upstream
+  behaviour of the golden cases); a constant map is treated as having no peak.
+- Mode p = 1 draws its U(0, 1) numbers from MXNet's random generator
+  (``mx.random.seed`` makes it reproducible), one number per grid position,
+  instead of Python's ``random.uniform`` once per peak; the distribution of
+  the decisions is the same.
+- The class response maps use the raw classifier's weights directly (no
+  ``map_origin`` copy); the maps carry no gradient, as upstream (no_grad).
+"""
+import numbers
+from collections import OrderedDict
+
+import mxnet as mx
+import numpy as np
+from mxnet import gluon, nd
+from mxnet.gluon import nn
+
+from training_runtime.errors import UserError
+
+from .method import FGVCMethod, ParamGroup
+
+GRID_SIZE = 31            # side of the class response maps and saliency maps (S3N-10)
+PADDING = 30              # replicate padding before the sampler's Gaussian filter
+GLOBAL_SIZE = GRID_SIZE + 2 * PADDING
+FILTER_SIZE = 2 * PADDING + 1
+FILTER_FWHM = 13
+GATE_THRESHOLD = -0.2     # sum of p log p over the top-5 classes (S3N-13)
+GATE_TOP = 5
+MODES = (0, 1, 2)
+
+__all__ = ["make_gaussian", "gaussian_kernel", "find_peaks", "create_grid", "generate_map",
+           "multi_smooth_loss", "S3N", "S3NMethod", "build_method"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Upstream helpers
+# ----------------------------------------------------------------------------------------------
+
+def make_gaussian(size, fwhm=3, center=None):
+    """Upstream ``makeGaussian``: float64 numpy (size, size) (S3N-12).
+
+    ``exp(-4 ln2 ((col - x0)^2 + (row - y0)^2) / fwhm^2)``; ``center=(x0, y0)``
+    with x0 the column; None → ``size // 2`` for both.
+    """
+    if not isinstance(size, numbers.Integral) or size < 1:
+        raise UserError("make_gaussian size: expected a positive int, got %r" % (size,))
+    cols = np.arange(0, size, 1, float)
+    rows = cols[:, np.newaxis]
+    if center is None:
+        x0 = y0 = size // 2
+    else:
+        x0, y0 = center[0], center[1]
+    return np.exp(-4 * np.log(2) * ((cols - x0) ** 2 + (rows - y0) ** 2) / fwhm ** 2)
+
+
+def gaussian_kernel(theta, size, offset=None):
+    """Upstream ``kernel_generate`` (S3N-11): size×size float32 NDArray, peak value 1.
+
+    theta: NDArray (1,) (or a float), sigma = theta·size; offset = (x, y) =
+    (column, row) of the centre, None → size // 2. The result is normalised by
+    its max like upstream (the 1/(2πσ²) factor cancels there), and is
+    differentiable with respect to theta.
+    """
+    if not isinstance(size, numbers.Integral) or size < 1:
+        raise UserError("gaussian_kernel size: expected a positive int, got %r" % (size,))
+    if not isinstance(theta, nd.NDArray):
+        theta = nd.array(np.reshape(np.asarray(theta, np.float32), (1,)))
+    cols, rows = np.meshgrid(np.arange(0, size), np.arange(0, size))
+    if offset is None:
+        offset_x = offset_y = size // 2
+    else:
+        offset_x, offset_y = offset
+    # built in float64 and cast, as upstream
+    factor = nd.array(-(np.power(cols - offset_x, 2) + np.power(rows - offset_y, 2)) / 2,
+                      ctx=theta.context, dtype=theta.dtype)
+    sigma2 = nd.square(theta.reshape((1, 1)) * size)
+    kernel = nd.exp(nd.broadcast_div(factor, sigma2))
+    return nd.broadcast_div(kernel, nd.max(kernel).reshape((1, 1)))
+
+
+def _peak_mask(F, maps, win_size, height, width):
+    """Local maxima of N×C×H×W ``maps`` as a 0/1 map of the same shape (S3N-8).
+
+    Like torch's max_pool2d argmax with −inf padding: a position is a peak if
+    it is ≥ every neighbour in its window and > those that come before it in
+    the window's row-major scan order (the first maximum wins ties, so a
+    plateau yields one peak).
+    """
+    half = (win_size - 1) // 2
+    padded = F.pad(maps, mode="constant", constant_value=-np.inf,
+                   pad_width=(0, 0, 0, 0, half, half, half, half))
+    peak = None
+    for dy in range(win_size):
+        for dx in range(win_size):
+            if dy == half and dx == half:
+                continue
+            neighbour = F.slice(padded, begin=(None, None, dy, dx),
+                                end=(None, None, dy + height, dx + width))
+            before_centre = (dy, dx) < (half, half)
+            wins = (maps > neighbour) if before_centre else (maps >= neighbour)
+            peak = wins if peak is None else peak * wins
+    if peak is None:                      # win_size 1: every position is its own maximum
+        peak = F.ones_like(maps)
+    return peak
+
+
+def _above_mean(F, maps):
+    """Upstream ``_mean_filter`` test: value ≥ the map's spatial mean, N×C×H×W 0/1."""
+    return F.broadcast_greater_equal(maps, F.mean(maps, axis=(2, 3), keepdims=True))
+
+
+def find_peaks(maps, win_size=3, mean_filter=True):
+    """Upstream ``peak_stimulation`` (S3N-8, S3N-9).
+
+    maps: N×C×H×W (numpy or NDArray). Returns ``(peaks, aggregation)``:
+    peaks an int64 numpy array of rows (sample, channel, row, col) in
+    torch.nonzero (row-major) order; aggregation an N×C NDArray, the mean of
+    ``maps`` over the peaks of each map (0/0 = NaN for a map without peaks,
+    as upstream). Under ``autograd.record()`` the gradient of aggregation is
+    upstream's custom one, ``peak_map · g / (num_peaks + 1e-6)``.
+    """
+    if not isinstance(win_size, numbers.Integral) or win_size < 1 or win_size % 2 == 0:
+        raise UserError("find_peaks win_size: expected an odd positive int, got %r" % (win_size,))
+    if not isinstance(maps, nd.NDArray):
+        maps = nd.array(np.asarray(maps, np.float32))
+    if maps.ndim != 4:
+        raise UserError("find_peaks maps: expected N×C×H×W, got shape %s" % (maps.shape,))
+    height, width = maps.shape[2:]
+    values = maps.detach()
+    peak_map = _peak_mask(nd, values, win_size, height, width)
+    if mean_filter:
+        peak_map = peak_map * _above_mean(nd, values)
+    peaks = np.argwhere(peak_map.asnumpy() > 0).astype(np.int64)
+    counts = nd.sum(peak_map, axis=(2, 3))
+    peak_sum = nd.sum(maps * peak_map, axis=(2, 3))
+    # forward: sum / count; backward: upstream divides by count + 1e-6 (S3N-9)
+    differentiable = peak_sum / (counts + 1e-6)
+    aggregation = differentiable + nd.stop_gradient(peak_sum / counts - differentiable)
+    return peaks, aggregation
+
+
+# ----------------------------------------------------------------------------------------------
+# The sampler ("learning to zoom") and the sparse attention maps
+# ----------------------------------------------------------------------------------------------
+
+def _default_filter(ctx, dtype):
+    """The sampler's initial 1×1×61×61 Gaussian filter, makeGaussian(61, fwhm=13)."""
+    weights = make_gaussian(FILTER_SIZE, fwhm=FILTER_FWHM).reshape(1, 1, FILTER_SIZE, FILTER_SIZE)
+    return nd.array(weights, ctx=ctx, dtype=dtype)
+
+
+def _saliency_grid(F, saliency_padded, filter_weight, like=None, out_size=None):
+    """Sampling grid of ``create_grid`` in BilinearSampler layout N×2×S×S, (x, y) channels.
+
+    saliency_padded: N×1×91×91 (replicate-padded 31×31 saliency);
+    filter_weight: 1×1×61×61; the grid is resized to ``out_size`` (int or
+    (h, w)) or to the spatial size of ``like`` (bilinear, align_corners).
+    """
+    coords = (F.contrib.arange_like(saliency_padded, axis=3) - PADDING) / (GRID_SIZE - 1.0)
+    basis_x = F.reshape(coords, (1, 1, 1, GLOBAL_SIZE))     # column coordinate (S3N-7)
+    basis_y = F.reshape(coords, (1, 1, GLOBAL_SIZE, 1))     # row coordinate
+    stacked = F.concat(saliency_padded, F.broadcast_mul(saliency_padded, basis_x),
+                       F.broadcast_mul(saliency_padded, basis_y), dim=1)
+    filtered = F.Convolution(F.reshape(stacked, (-1, 1, GLOBAL_SIZE, GLOBAL_SIZE)), filter_weight,
+                             kernel=(FILTER_SIZE, FILTER_SIZE), num_filter=1, no_bias=True)
+    filtered = F.reshape(filtered, (-1, 3, GRID_SIZE, GRID_SIZE))
+    weight_sum = F.slice_axis(filtered, axis=1, begin=0, end=1)
+    mean_xy = F.broadcast_div(F.slice_axis(filtered, axis=1, begin=1, end=3), weight_sum)
+    grid = F.clip(mean_xy * 2 - 1, -1, 1)
+    if out_size is not None:
+        height, width = (out_size, out_size) if isinstance(out_size, numbers.Integral) else out_size
+        return F.contrib.BilinearResize2D(grid, height=height, width=width, align_corners=True)
+    return F.contrib.BilinearResize2D(grid, like, mode="like", align_corners=True)
+
+
+def create_grid(saliency_padded, input_size, filter_weight=None):
+    """Upstream ``S3N.create_grid`` (S3N-7): N×1×91×91 padded saliency → N×S×S×2 grid.
+
+    The last axis is (x, y) in [−1, 1]. ``input_size`` is the grid side S
+    (int, or (h, w)); ``filter_weight`` (1×1×61×61) defaults to the initial
+    makeGaussian(61, fwhm=13) filter.
+    """
+    if not isinstance(saliency_padded, nd.NDArray):
+        saliency_padded = nd.array(np.asarray(saliency_padded, np.float32))
+    if saliency_padded.ndim != 4 or saliency_padded.shape[1:] != (1, GLOBAL_SIZE, GLOBAL_SIZE):
+        raise UserError("create_grid saliency_padded: expected N×1×%d×%d, got shape %s"
+                        % (GLOBAL_SIZE, GLOBAL_SIZE, saliency_padded.shape))
+    if filter_weight is None:
+        filter_weight = _default_filter(saliency_padded.context, saliency_padded.dtype)
+    grid = _saliency_grid(nd, saliency_padded, _as_data(filter_weight, saliency_padded.context),
+                          out_size=int(input_size) if np.isscalar(input_size) else tuple(input_size))
+    return nd.transpose(grid, axes=(0, 2, 3, 1))
+
+
+def _decide_maps(F, class_response_maps, num_classes):
+    """Gate (S3N-13) and min-max normalisation of the class response maps.
+
+    class_response_maps: N×K×31×31 (no gradient). Returns ``(scores, valid)``:
+    scores N×961, the normalised decide map flattened row-major; valid (N,)
+    1 where the decide map is not constant (a constant one has no peak,
+    S3N-2: upstream divides 0 by 0 there).
+    """
+    top = min(GATE_TOP, num_classes)
+    flat = F.reshape(class_response_maps, (0, 0, -1))                      # N×K×961
+    probs = F.softmax(F.mean(flat, axis=2), axis=1)                         # N×K
+    top_probs, top_classes = F.topk(probs, axis=1, k=top, ret_typ="both")   # N×top
+    gate = F.sum(top_probs * F.log(top_probs), axis=1)                      # N
+    # one-hot selection of the top maps (exact: x·1 + 0s) instead of a per-sample gather
+    top_maps = F.batch_dot(F.one_hot(top_classes, depth=num_classes), flat)  # N×top×961
+    first_map = F.reshape(F.slice_axis(top_maps, axis=1, begin=0, end=1), (0, -1))
+    decide = F.where(gate > GATE_THRESHOLD, first_map, F.mean(top_maps, axis=1))
+    low = F.min(decide, axis=1, keepdims=True)
+    span = F.max(decide, axis=1, keepdims=True) - low
+    valid = span > 0
+    scores = F.broadcast_div(F.broadcast_sub(decide, low), F.where(valid, span, F.ones_like(span)))
+    return scores, F.reshape(valid, (-1,))
+
+
+def _sparse_attention(F, scores, selected, weights_fn, theta_arg, scale, base_ratio):
+    """Q = base_ratio + Σ_peaks w_i · K_i for every sample at once: N×31×31.
+
+    scores, selected: N×961 (selected 0/1 marks the peaks that enter this
+    map); weights_fn(scores) gives w_i, theta_arg(scores) the argument of the
+    learnable scale (sqrt(s) or s), scale (1,) the radius. The kernel of a
+    peak at (x_i, y_i) is exp(−((c − x_i)² + (r − y_i)²) / (2σ_i²)) with
+    σ_i = scale · theta_arg(s_i) · 31, normalised to peak 1 (the
+    ``gaussian_kernel`` formula); it factorises into a row and a column
+    Gaussian, so the sum over the 961 candidate positions is one batched
+    matrix product (N×961×31)ᵀ·(N×961×31).
+    """
+    is_selected = selected > 0
+    # unselected positions get a harmless score of 1 so that σ² stays finite (no NaN in grads)
+    safe = F.where(is_selected, scores, F.ones_like(scores))
+    weights = F.where(is_selected, weights_fn(safe), F.zeros_like(safe))          # N×961
+    sigma2 = F.square(F.broadcast_mul(theta_arg(safe), scale) * GRID_SIZE)          # N×961
+    position = F.contrib.arange_like(scores, axis=1)                               # 961
+    peak_row = F.floor(position / GRID_SIZE)
+    peak_col = position - peak_row * GRID_SIZE
+    axis = F.reshape(F.contrib.arange_like(F.slice_axis(scores, axis=1, begin=0, end=GRID_SIZE),
+                                           axis=1), (1, GRID_SIZE))
+    half_sq_row = -F.square(F.broadcast_sub(axis, F.reshape(peak_row, (-1, 1)))) / 2   # 961×31
+    half_sq_col = -F.square(F.broadcast_sub(axis, F.reshape(peak_col, (-1, 1)))) / 2
+    sigma2 = F.expand_dims(sigma2, axis=2)                                          # N×961×1
+    gauss_row = F.exp(F.broadcast_div(F.expand_dims(half_sq_row, axis=0), sigma2))  # N×961×31
+    gauss_col = F.exp(F.broadcast_div(F.expand_dims(half_sq_col, axis=0), sigma2))
+    weighted_row = F.broadcast_mul(gauss_row, F.expand_dims(weights, axis=2))
+    return F.batch_dot(weighted_row, gauss_col, transpose_a=True) + base_ratio        # N×31×31
+
+
+def _mode_selection(F, scores, peaks, mode):
+    """Which peaks enter Q_d and Q_c for the mode array ``mode`` (1,) ∈ {0, 1, 2} (S3N-4).
+
+    0: every peak into both; 1: a peak goes to Q_d if s > U(0, 1), else to
+    Q_c (U drawn by MXNet's RNG, one per position); 2: the first highest-score
+    peak to Q_d, the first lowest-score one to Q_c. Returns (to_zoom,
+    to_complement, is_mode2), N×961 0/1 maps and a (1,) flag.
+    """
+    is_mode = [F.reshape(mode == value, (1, 1)) for value in MODES]
+    to_zoom_random = peaks * (scores > F.random.uniform_like(scores))
+    below = F.ones_like(scores) * -1.0      # scores are in [0, 1]: −1 / 2 never win
+    above = F.ones_like(scores) * 2.0
+    highest = F.one_hot(F.argmax(F.where(peaks > 0, scores, below), axis=1), depth=GRID_SIZE ** 2)
+    lowest = F.one_hot(F.argmin(F.where(peaks > 0, scores, above), axis=1), depth=GRID_SIZE ** 2)
+    to_zoom = (F.broadcast_mul(peaks, is_mode[0]) + F.broadcast_mul(to_zoom_random, is_mode[1])
+               + F.broadcast_mul(highest * peaks, is_mode[2]))
+    to_complement = (F.broadcast_mul(peaks, is_mode[0])
+                     + F.broadcast_mul(peaks - to_zoom_random, is_mode[1])
+                     + F.broadcast_mul(lowest * peaks, is_mode[2]))
+    return to_zoom, to_complement, is_mode[2]
+
+
+def _generate(F, images, class_response_maps, mode, radius, radius_inv, filter_weight,
+              num_classes, base_ratio, out_size=None):
+    """Core of :func:`generate_map`, written for both nd and sym (HybridBlock) use.
+
+    images N×3×H×W, class_response_maps N×K×31×31, mode (1,), radius and
+    radius_inv (1,), filter_weight 1×1×61×61. Returns a dict: ``zoom`` and
+    ``complement`` (N×3×S×S), ``scores`` / ``peaks`` (N×961), ``xs`` /
+    ``xs_inv`` (N×31×31 saliency), ``grid`` / ``grid_inv`` (N×2×S×S).
+    """
+    class_response_maps = F.stop_gradient(class_response_maps)
+    scores, valid = _decide_maps(F, class_response_maps, num_classes)
+    maps = F.reshape(scores, (-1, 1, GRID_SIZE, GRID_SIZE))
+    peaks = _peak_mask(F, maps, 3, GRID_SIZE, GRID_SIZE) * _above_mean(F, maps)
+    peaks = F.broadcast_mul(F.reshape(peaks, (-1, GRID_SIZE ** 2)), F.reshape(valid, (-1, 1)))
+    to_zoom, to_complement, is_mode2 = _mode_selection(F, scores, peaks, mode)
+    mode2 = F.broadcast_like(is_mode2, scores) > 0
+    # p = 2 passes s, not sqrt(s), to the zoom radius (S3N-4)
+    xs = _sparse_attention(F, scores, to_zoom, lambda s: s,
+                           lambda s: F.where(mode2, s, F.sqrt(s)), radius, base_ratio)
+    xs_inv = _sparse_attention(F, scores, to_complement, lambda s: 1 / s, F.sqrt,
+                               radius_inv, base_ratio)
+    result = {"scores": scores, "peaks": peaks, "xs": xs, "xs_inv": xs_inv}
+    for name, saliency in (("", xs), ("_inv", xs_inv)):
+        padded = F.pad(F.expand_dims(saliency, axis=1), mode="edge",
+                       pad_width=(0, 0, 0, 0, PADDING, PADDING, PADDING, PADDING))
+        grid = _saliency_grid(F, padded, filter_weight, like=images, out_size=out_size)
+        result["grid" + name] = grid
+        result["zoom" if not name else "complement"] = F.BilinearSampler(images, grid)
+    return result
+
+
+def _as_data(value, ctx):
+    """NDArray of a gluon Parameter (on ``ctx``) or an NDArray/number as (1,)."""
+    if isinstance(value, gluon.Parameter):
+        return value.data(ctx)
+    if isinstance(value, nd.NDArray):
+        return value.as_in_context(ctx)
+    return nd.array(np.reshape(np.asarray(value, np.float32), (1,)), ctx=ctx)
+
+
+def generate_map(images, class_response_maps, p, base_ratio, radius, radius_inv,
+                 filter_weight=None, return_details=False):
+    """Upstream ``S3N.generate_map``: (zoomed, complementary) images, each N×3×S×S.
+
+    images: N×3×S×S NDArray (gradients flow to it); class_response_maps:
+    N×K×31×31 (no gradient, as upstream); p ∈ {0, 1, 2} the mode (S3N-4;
+    p = 1 draws from MXNet's RNG: seed with ``mx.random.seed``);
+    base_ratio: float; radius, radius_inv: NDArrays of shape (1,) or gluon
+    Parameters (gradients flow to them); filter_weight: the sampler's
+    1×1×61×61 filter (Parameter/NDArray), default makeGaussian(61, fwhm=13).
+    A decide map without peaks (a constant one, S3N-1/2) gives saliency maps
+    of only base_ratio. With ``return_details`` also returns a dict of the
+    intermediates (scores, peaks, xs, xs_inv N×31×31, grid, grid_inv).
+    """
+    if not isinstance(images, nd.NDArray) or images.ndim != 4:
+        raise UserError("generate_map images: expected an N×C×H×W NDArray, got %r"
+                        % (getattr(images, "shape", type(images)),))
+    if not isinstance(class_response_maps, nd.NDArray):
+        class_response_maps = nd.array(np.asarray(class_response_maps, np.float32), ctx=images.context)
+    crm_shape = class_response_maps.shape
+    if (len(crm_shape) != 4 or crm_shape[0] != images.shape[0]
+            or crm_shape[2:] != (GRID_SIZE, GRID_SIZE)):
+        raise UserError("generate_map class_response_maps: expected %d×K×%d×%d, got shape %s"
+                        % (images.shape[0], GRID_SIZE, GRID_SIZE, crm_shape))
+    if p not in MODES:
+        raise UserError("generate_map p: expected 0, 1 or 2, got %r" % (p,))
+    ctx = images.context
+    if filter_weight is None:
+        filter_weight = _default_filter(ctx, images.dtype)
+    result = _generate(nd, images, class_response_maps.as_in_context(ctx),
+                       nd.array([p], ctx=ctx, dtype=images.dtype),
+                       _as_data(radius, ctx), _as_data(radius_inv, ctx),
+                       _as_data(filter_weight, ctx), crm_shape[1], float(base_ratio))
+    if return_details:
+        return result["zoom"], result["complement"], result
+    return result["zoom"], result["complement"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Loss
+# ----------------------------------------------------------------------------------------------
+
+SMOOTHED_BRANCHES = "index 1 and the last"   # S3N-14
+
+
+def multi_smooth_loss(outputs, labels, smooth_ratio=0.85, loss_weight=None, per_sample=False):
+    """Upstream ``multi_smooth_loss`` (S3N-14): Σ_i w_i · loss_i over the outputs.
+
+    outputs: sequence of N×K logits (S3N's order: concat, raw, zoom,
+    complementary); labels: (N,) class indices. Outputs at index 1 and at the
+    last index use label smoothing (target smooth_ratio, every other class
+    (1 − smooth_ratio)/(K − 1)); the others plain softmax cross entropy.
+    loss_weight: dict branch index (int, or a str passed through int() as
+    upstream) → weight, default 1. Returns the batch mean, shape (1,), as
+    upstream; with ``per_sample=True`` the (N,) per-sample losses whose mean
+    is that value.
+    """
+    if not isinstance(outputs, (tuple, list)) or len(outputs) < 2:
+        raise UserError("multi_smooth_loss outputs: expected a tuple of at least 2 logit arrays")
+    weights = [1.0] * len(outputs)
+    for key, value in (loss_weight or {}).items():
+        try:
+            index = int(key)
+        except (TypeError, ValueError):
+            raise UserError("multi_smooth_loss loss_weight: expected int branch indices, got %r" % (key,))
+        if not 0 <= index < len(outputs):
+            raise UserError("multi_smooth_loss loss_weight: branch index %d out of range 0..%d"
+                            % (index, len(outputs) - 1))
+        weights[index] = float(value)
+    smoothed = {1, len(outputs) - 1}
+    total = 0
+    for index, logits in enumerate(outputs):
+        log_probs = nd.log_softmax(logits, axis=1)
+        if index in smoothed:
+            num_classes = logits.shape[1]
+            target = nd.one_hot(labels, num_classes)
+            target = smooth_ratio * target + (1 - smooth_ratio) * (1 - target) / (num_classes - 1)
+            branch = -nd.sum(log_probs * target, axis=1)
+        else:
+            branch = -nd.pick(log_probs, labels, axis=1)
+        total = total + weights[index] * branch
+    return total if per_sample else nd.mean(total).reshape((1,))
+
+
+# ----------------------------------------------------------------------------------------------
+# The network
+# ----------------------------------------------------------------------------------------------
+
+def _zoo_features(backbone, pretrained):
+    """Model-zoo ResNet features without the global pooling, and their channel count."""
+    names = [n for n in ("resnet%d_v%d" % (d, v) for d in (18, 34, 50, 101, 152) for v in (1, 2))]
+    if backbone not in names:
+        raise UserError("--backbone: expected one of %s for S3N, got %r" % (", ".join(names), backbone))
+    net = gluon.model_zoo.vision.get_model(backbone, pretrained=pretrained)
+    features = nn.HybridSequential(prefix="")
+    layers = list(net.features)
+    while layers and isinstance(layers[-1], (nn.GlobalAvgPool2D, nn.Flatten)):
+        layers.pop()
+    for layer in layers:
+        features.add(layer)
+    depth = int(backbone[len("resnet"):].split("_")[0])
+    return features, (512 if depth < 50 else 2048)
+
+
+class S3N(gluon.HybridBlock):
+    """The S3N network (SPEC §2.2, S3N-16): ``net(x, p)`` → (concat, raw, zoom, complementary).
+
+    x: N×3×S×S images; p: mode 0/1/2 (int, or an NDArray (1,)); outputs four
+    N×num_classes logits. The backbone features (N×F×h×w) are applied three
+    times with shared weights (raw, zoomed, complementary images); the class
+    response maps are the raw classifier's weights applied as a 1×1 conv to
+    the raw features (no gradient), resized to 31×31 (align_corners).
+    ``backbone`` is a model-zoo ResNet name or a HybridBlock mapping images to
+    N×F×h×w features (then pass ``num_features=F``). ``radius``,
+    ``radius_inv`` and ``filter`` (the sampler's 61×61 Gaussian) are
+    Parameters. ``image_size`` is the side of the zoomed images
+    (upstream's task_input_size).
+    """
+
+    def __init__(self, num_classes, backbone="resnet50_v1", pretrained=False, image_size=448,
+                 radius=0.09, radius_inv=0.3, base_ratio=0.09, num_features=None, **kwargs):
+        super(S3N, self).__init__(**kwargs)
+        if not isinstance(num_classes, numbers.Integral) or num_classes < 2:
+            raise UserError("num_classes: expected an int >= 2 for S3N, got %r" % (num_classes,))
+        if not isinstance(image_size, numbers.Integral) or image_size < 1:
+            raise UserError("--image-size: expected a positive int, got %r" % (image_size,))
+        self.num_classes = num_classes
+        self.image_size = image_size
+        self.base_ratio = float(base_ratio)
+        with self.name_scope():
+            if isinstance(backbone, gluon.Block):
+                if not num_features:
+                    raise UserError("S3N num_features: expected the channel count of the custom backbone")
+                self.features = backbone
+            else:
+                self.features, zoo_features = _zoo_features(backbone, pretrained)
+                num_features = num_features or zoo_features
+            self.num_features = num_features
+            self.radius = self.params.get("radius", shape=(1,), init=mx.init.Constant(radius))
+            self.radius_inv = self.params.get("radius_inv", shape=(1,),
+                                              init=mx.init.Constant(radius_inv))
+            gaussian = make_gaussian(FILTER_SIZE, fwhm=FILTER_FWHM).astype(np.float32)
+            self.filter = self.params.get("filter", shape=(1, 1, FILTER_SIZE, FILTER_SIZE),
+                                          init=mx.init.Constant(gaussian.reshape(1, 1, FILTER_SIZE,
+                                                                                 FILTER_SIZE)))
+            # the raw classifier is held directly: its weights also make the class response maps
+            self.raw_classifier_weight = self.params.get("raw_classifier_weight",
+                                                         shape=(num_classes, num_features))
+            self.raw_classifier_bias = self.params.get("raw_classifier_bias", shape=(num_classes,),
+                                                       init="zeros")
+            self.sampler_buffer = self._buffer("sampler_buffer_")
+            self.sampler_classifier = nn.Dense(num_classes, in_units=num_features,
+                                               prefix="sampler_classifier_")
+            self.sampler_buffer1 = self._buffer("sampler_buffer1_")
+            self.sampler_classifier1 = nn.Dense(num_classes, in_units=num_features,
+                                                prefix="sampler_classifier1_")
+            self.con_classifier = nn.Dense(num_classes, in_units=3 * num_features,
+                                           prefix="con_classifier_")
+
+    def _buffer(self, prefix):
+        """Conv 3×3/2 (F → F, no bias) + BN + ReLU after the sampled branches' features."""
+        block = nn.HybridSequential(prefix=prefix)
+        with block.name_scope():
+            block.add(nn.Conv2D(self.num_features, 3, strides=2, padding=1, use_bias=False,
+                                in_channels=self.num_features),
+                      nn.BatchNorm(in_channels=self.num_features),
+                      nn.Activation("relu"))
+        return block
+
+    def forward(self, x, p=0, *args):
+        """Accept the mode as a Python int (converted to an NDArray (1,) on x's device)."""
+        if isinstance(x, nd.NDArray) and not isinstance(p, nd.NDArray):
+            if p not in MODES:
+                raise UserError("S3N p: expected 0, 1 or 2, got %r" % (p,))
+            p = nd.array([p], ctx=x.context, dtype=x.dtype)
+        return super(S3N, self).forward(x, p, *args)
+
+    def class_response_maps(self, F, features, weight, bias):
+        """N×F×h×w features → N×K×31×31 CAMs of the raw classifier (no gradient)."""
+        weight = F.stop_gradient(F.reshape(weight, (0, 0, 1, 1)))
+        maps = F.Convolution(features, weight, F.stop_gradient(bias), kernel=(1, 1),
+                             num_filter=self.num_classes)
+        return F.stop_gradient(F.contrib.BilinearResize2D(maps, height=GRID_SIZE, width=GRID_SIZE,
+                                                          align_corners=True))
+
+    def hybrid_forward(self, F, x, p, radius, radius_inv, filter, raw_classifier_weight,
+                       raw_classifier_bias):
+        feature_raw = self.features(x)
+        pooled_raw = F.mean(feature_raw, axis=(2, 3))
+        raw = F.FullyConnected(pooled_raw, raw_classifier_weight, raw_classifier_bias,
+                               num_hidden=self.num_classes)
+        maps = self.class_response_maps(F, feature_raw, raw_classifier_weight, raw_classifier_bias)
+        sampled = _generate(F, x, maps, p, radius, radius_inv, filter, self.num_classes,
+                            self.base_ratio, out_size=self.image_size)
+        pooled_zoom = F.mean(self.sampler_buffer(self.features(sampled["zoom"])), axis=(2, 3))
+        pooled_comp = F.mean(self.sampler_buffer1(self.features(sampled["complement"])), axis=(2, 3))
+        zoom = self.sampler_classifier(pooled_zoom)
+        comp = self.sampler_classifier1(pooled_comp)
+        concat = self.con_classifier(F.concat(pooled_raw, pooled_zoom, pooled_comp, dim=1))
+        return concat, raw, zoom, comp
+
+    def param_groups(self):
+        """Upstream's ``finetune`` groups (demo/cub_s3n.yml): OrderedDict name → [Parameter].
+
+        'classifier' (the four classifiers, lr ×10), 'radius' (radius and
+        radius_inv, ×1e-4), 'filter' (the sampler's Gaussian, ×1e-4), 'rest'
+        (backbone and sampler buffers, ×1): see ``LR_MULTIPLIERS``.
+        """
+        classifier = [self.raw_classifier_weight, self.raw_classifier_bias]
+        for block in (self.sampler_classifier, self.sampler_classifier1, self.con_classifier):
+            classifier.extend(block.collect_params().values())
+        groups = OrderedDict((("classifier", classifier), ("radius", [self.radius, self.radius_inv]),
+                              ("filter", [self.filter])))
+        grouped = set(id(param) for params in groups.values() for param in params)
+        groups["rest"] = [param for param in self.collect_params().values() if id(param) not in grouped]
+        return groups
+
+
+# ----------------------------------------------------------------------------------------------
+# Method adapter
+# ----------------------------------------------------------------------------------------------
+
+LR_MULTIPLIERS = OrderedDict((("classifier", 10.0), ("radius", 1e-4), ("filter", 1e-4), ("rest", 1.0)))
+STAGE_EPOCH = 20   # three_stage hook: epochs (0-based) <= 20 use the first mode
+
+
+def training_mode(epoch):
+    """Upstream three_stage, training: p = 0 for epochs ≤ 20 (0-based), then 1."""
+    return 0 if epoch <= STAGE_EPOCH else 1
+
+
+def evaluation_mode(epoch):
+    """Upstream three_stage, evaluation: p = 1 (random!) for epochs ≤ 20, then 2."""
+    return 1 if epoch <= STAGE_EPOCH else 2
+
+
+class S3NMethod(FGVCMethod):
+    """S3N for train_fgvc.py: the network, its parameter groups, loss and branches."""
+
+    name = "s3n"
+    BRANCHES = ("concat", "raw", "zoom", "complementary")
+
+    def __init__(self, net, smooth_ratio=0.85, loss_weight=None, image_size=448):
+        self.net = net
+        self.smooth_ratio = smooth_ratio
+        self.loss_weight = loss_weight
+        self.defaults = {
+            "lr": 0.001, "momentum": 0.9, "wd": 1e-4, "batch_size": 16, "epochs": 60,
+            # upstream update_lr(epoch_step=40) fires at the start of 0-based epoch 39
+            "lr_steps": [39], "lr_factor": 0.1,
+            "image_size": image_size,
+            "resize": int(round(image_size * 600 / 448.0)),
+            "train_crop": "random_resized", "crop_scale": (0.5, 1.0), "flip": True,
+            "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225),
+        }
+
+    def param_groups(self):
+        return [ParamGroup(name, params, LR_MULTIPLIERS[name])
+                for name, params in self.net.param_groups().items() if params]
+
+    def training_loss(self, data, label, epoch):
+        """Per-sample multi_smooth_loss (N,) of the four outputs, mode p by the schedule.
+
+        Upstream's loss is the batch mean of this; ``trainer.step(batch_size)``
+        on the sum of the per-sample losses gives the same update.
+        """
+        outputs = self.net(data, training_mode(epoch))
+        return multi_smooth_loss(outputs, label, self.smooth_ratio, self.loss_weight, per_sample=True)
+
+    def predict(self, data, epoch):
+        outputs = self.net(data, evaluation_mode(epoch))
+        return OrderedDict(zip(self.BRANCHES, outputs))
+
+
+def build_method(num_classes, backbone="resnet50_v1", pretrained=False, image_size=448,
+                 radius=0.09, radius_inv=0.3, base_ratio=0.09, smooth_ratio=0.85,
+                 loss_weight=None, ctx=None, hybridize=True):
+    """S3N as an :class:`FGVCMethod`, initialised on ``ctx`` (default cpu).
+
+    New layers (and the backbone when not pretrained) are initialised Xavier
+    (gaussian, 'in', magnitude 2); radius, radius_inv and filter start at
+    their upstream values (CUB config: 0.09, 0.3, makeGaussian(61, 13)).
+    """
+    net = S3N(num_classes, backbone=backbone, pretrained=pretrained, image_size=image_size,
+              radius=radius, radius_inv=radius_inv, base_ratio=base_ratio)
+    net.initialize(mx.init.Xavier(rnd_type="gaussian", factor_type="in", magnitude=2),
+                   ctx=ctx or mx.cpu())
+    if hybridize:
+        net.hybridize()
+    return S3NMethod(net, smooth_ratio=smooth_ratio, loss_weight=loss_weight, image_size=image_size)
