@@ -1,0 +1,118 @@
+"""fgvc_gluon.baseline: model-zoo classifier method, backbone validation, short real-image training.
+
+Also holds the small Fashion-MNIST training helpers shared by test_mcloss.py and
+test_center_loss.py (``fashion_mnist_tensors``, ``train_steps``).
+"""
+import mxnet as mx
+import numpy as np
+import pytest
+from mxnet import autograd, gluon, nd
+
+from fgvc_gluon import baseline
+from training_runtime.errors import UserError
+from training_runtime.fashion_mnist import load_split
+
+# ------------------------------------------------------------ shared helpers
+
+
+def fashion_mnist_tensors(data_dir, classes=(0, 1, 7, 8), per_class=64, size=32, mean=0.5, std=0.5):
+    """Real images: N×3×size×size float32 (grayscale replicated, resized, normalised) and labels 0..len(classes)-1."""
+    images, labels = load_split("train", data_dir)
+    picked = np.concatenate([np.flatnonzero(labels == c)[:per_class] for c in classes])
+    np.random.RandomState(0).shuffle(picked)
+    gray = nd.array(images[picked][:, None].astype(np.float32) / 255.0)
+    resized = nd.contrib.BilinearResize2D(gray, height=size, width=size)
+    data = (nd.tile(resized, (1, 3, 1, 1)) - mean) / std
+    remap = {c: i for i, c in enumerate(classes)}
+    return data, nd.array([remap[int(c)] for c in labels[picked]])
+
+
+def make_trainers(method, lr, momentum=0.9, wd=5e-4):
+    """One gluon.Trainer per ParamGroup, as train_fgvc.py does."""
+    trainers = []
+    for group in method.param_groups():
+        params = {"learning_rate": lr * group.lr_mult, "momentum": momentum, "wd": wd}
+        params.update(group.optimizer_params or {})
+        trainers.append(gluon.Trainer(group.params, "sgd", params))
+    return trainers
+
+
+def train_steps(method, data, labels, steps, batch_size, lr):
+    """SGD on ``method.training_loss``; returns the batch-mean loss of every step."""
+    trainers = make_trainers(method, lr)
+    losses = []
+    num = data.shape[0]
+    for step in range(steps):
+        start = (step * batch_size) % num
+        x, y = data[start:start + batch_size], labels[start:start + batch_size]
+        with autograd.record():
+            loss = method.training_loss(x, y, 0)
+        loss.backward()
+        for trainer in trainers:
+            trainer.step(x.shape[0])
+        losses.append(float(loss.mean().asscalar()))
+    return np.array(losses)
+
+
+def seed_everything(seed=0):
+    mx.random.seed(seed)
+    np.random.seed(seed)
+
+
+# ------------------------------------------------------------ baseline tests
+
+
+def test_backbone_names_and_unknown_name_error():
+    assert "resnet50_v1" in baseline.BACKBONES and "resnet152_v1" in baseline.BACKBONES
+    with pytest.raises(UserError, match=r"--backbone: expected one of .*resnet18_v1.*got 'resnet51_v1'"):
+        baseline.build_method(5, backbone="resnet51_v1")
+
+
+def test_pretrained_without_weights_is_a_user_error(tmp_path, monkeypatch):
+    # an empty model store and no network: the download fails, the user gets one clear line
+    monkeypatch.setenv("MXNET_HOME", str(tmp_path))
+    monkeypatch.setenv("MXNET_GLUON_REPO", "http://127.0.0.1:9/")
+    with pytest.raises(UserError, match=r"--pretrained: could not load the model-zoo weights of resnet18_v1"):
+        baseline.build_method(5, backbone="resnet18_v1", pretrained=True)
+
+
+def test_method_contract_and_shapes():
+    seed_everything()
+    method = baseline.build_method(7, backbone="resnet18_v1", image_size=32)
+    groups = method.param_groups()
+    assert [g.name for g in groups] == ["backbone", "classifier"]
+    assert groups[1].lr_mult == 10.0
+    grouped = set(groups[0].params.keys()) | set(groups[1].params.keys())
+    assert grouped == set(method.net.collect_params().keys())
+    assert method.net.output.weight.shape[0] == 7
+    x = nd.random.normal(shape=(3, 3, 32, 32))
+    with autograd.record():
+        loss = method.training_loss(x, nd.array([0, 3, 6]), 0)
+    assert loss.shape == (3,)
+    out = method.predict(x, 0)
+    assert list(out) == ["classifier"] and out["classifier"].shape == (3, 7)
+    for key in ("lr", "momentum", "wd", "batch_size", "epochs", "lr_steps", "lr_factor", "image_size",
+                "resize", "train_crop", "crop_scale", "pad", "flip", "mean", "std"):
+        assert key in method.defaults, key
+    assert method.defaults["image_size"] == 32
+    assert baseline.build_method(3, backbone="resnet18_v1").defaults["image_size"] == 448
+
+
+def test_hybridized_forward_matches_imperative():
+    seed_everything()
+    method = baseline.build_method(4, backbone="resnet18_v1", image_size=32)
+    x = nd.random.normal(shape=(2, 3, 32, 32))
+    imperative = method.predict(x, 0)["classifier"].asnumpy()
+    method.net.hybridize()
+    hybrid = method.predict(x, 0)["classifier"].asnumpy()
+    np.testing.assert_allclose(hybrid, imperative, rtol=1e-4, atol=1e-5)
+
+
+def test_short_training_on_fashion_mnist_lowers_the_loss(fashion_mnist_dir):
+    seed_everything()
+    data, labels = fashion_mnist_tensors(fashion_mnist_dir)
+    method = baseline.build_method(4, backbone="resnet18_v1", image_size=32)
+    method.net.hybridize()
+    losses = train_steps(method, data, labels, steps=32, batch_size=32, lr=method.defaults["lr"])
+    assert np.all(np.isfinite(losses))
+    assert losses[-8:].mean() < 0.5 * losses[:4].mean(), losses
