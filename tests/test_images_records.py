@@ -1,0 +1,241 @@
+"""training_runtime.images (robust loading, skip option) and training_runtime.records."""
+import os
+
+import numpy as np
+import mxnet as mx
+import pytest
+from PIL import Image
+
+from training_runtime.errors import UserError
+from training_runtime.images import (ArrayImageDataset, ImageListDataset, check_image,
+                                     crop_box, load_image)
+from training_runtime import records
+from training_runtime.records import RecordDataset, pack_dataset
+
+from conftest import FASHION_MNIST_DIR
+
+
+def noise_image(height, width, seed=0):
+    return (np.random.RandomState(seed).rand(height, width, 3) * 255).astype(np.uint8)
+
+
+def smooth_image(height, width, seed=0):
+    """Gradients (JPEG keeps them to a few grey levels), different per channel."""
+    image = np.zeros((height, width, 3), np.uint8)
+    image[:, :, 0] = np.linspace(20, 230, width)[None, :]
+    image[:, :, 1] = np.linspace(230, 20, height)[:, None]
+    image[:, :, 2] = 40 + 30 * seed
+    return image
+
+
+def coordinate_image(height, width):
+    """R = column, G = row, B = 7: every pixel says where it is (exact with PNG)."""
+    image = np.zeros((height, width, 3), np.uint8)
+    image[:, :, 0] = np.arange(width)[None, :]
+    image[:, :, 1] = np.arange(height)[:, None]
+    image[:, :, 2] = 7
+    return image
+
+
+def write_image(path, array, fmt="JPEG", **options):
+    os.makedirs(os.path.dirname(str(path)), exist_ok=True)
+    Image.fromarray(array).save(str(path), fmt, **options)
+    return str(path)
+
+
+def truncate(path, fraction=0.6):
+    with open(path, "rb") as f:
+        data = f.read()
+    with open(path, "wb") as f:
+        f.write(data[:int(len(data) * fraction)])
+    return path
+
+
+def test_load_image_png_is_exact_rgb(tmp_path):
+    image = coordinate_image(20, 30)
+    loaded = load_image(write_image(tmp_path / "a.png", image, "PNG"))
+    assert isinstance(loaded, mx.nd.NDArray)
+    assert loaded.dtype == np.uint8 and loaded.shape == (20, 30, 3)
+    np.testing.assert_array_equal(loaded.asnumpy(), image)
+
+
+def test_load_image_jpeg_colour_and_grey(tmp_path):
+    solid = np.zeros((16, 24, 3), np.uint8)
+    solid[:] = (200, 100, 50)
+    loaded = load_image(write_image(tmp_path / "c.jpg", solid, quality=95)).asnumpy()
+    assert loaded.shape == (16, 24, 3)
+    assert np.abs(loaded.astype(int) - (200, 100, 50)).max() <= 3  # RGB order, not BGR
+    grey = np.full((10, 12), 90, np.uint8)
+    path = str(tmp_path / "g.jpg")
+    Image.fromarray(grey, "L").save(path, "JPEG")
+    loaded = load_image(path).asnumpy()
+    assert loaded.shape == (10, 12, 3)
+    assert (loaded[..., 0] == loaded[..., 1]).all() and (loaded[..., 1] == loaded[..., 2]).all()
+
+
+def test_missing_file_message(tmp_path):
+    path = str(tmp_path / "nope.jpg")
+    with pytest.raises(UserError, match="nope.jpg: image file not found"):
+        load_image(path)
+
+
+def test_unreadable_file_message(tmp_path):
+    path = tmp_path / "text.jpg"
+    path.write_bytes(b"this is not an image at all")
+    with pytest.raises(UserError, match="text.jpg: expected a JPEG/PNG/BMP/GIF image"):
+        load_image(str(path))
+    empty = tmp_path / "empty.png"
+    empty.write_bytes(b"")
+    with pytest.raises(UserError, match="empty.png: .*empty file"):
+        load_image(str(empty))
+
+
+def test_truncated_jpeg_is_detected(tmp_path):
+    path = truncate(write_image(tmp_path / "t.jpg", noise_image(64, 64)))
+    with open(path, "rb") as f:
+        data = f.read()
+    # the decoder alone silently returns a (partly grey) image: that is why we check
+    assert mx.image.imdecode(data).shape == (64, 64, 3)
+    with pytest.raises(UserError, match="t.jpg: .*truncated JPEG.*FFD9"):
+        load_image(path)
+
+
+def test_truncated_png_is_detected(tmp_path):
+    path = truncate(write_image(tmp_path / "t.png", noise_image(32, 32), "PNG"), 0.9)
+    with pytest.raises(UserError, match="t.png: .*truncated PNG"):
+        load_image(path)
+
+
+def test_jpeg_with_trailing_padding_loads(tmp_path):
+    path = write_image(tmp_path / "p.jpg", noise_image(8, 8))
+    with open(path, "ab") as f:
+        f.write(b"\x00\x00\n")
+    assert load_image(path).shape == (8, 8, 3)
+
+
+def test_crop_box_exact_and_clipped(tmp_path):
+    image = mx.nd.array(coordinate_image(40, 50), dtype=np.uint8)
+    crop = crop_box(image, (10, 5, 20, 15)).asnumpy()
+    assert crop.shape == (15, 20, 3)
+    assert crop[0, 0, 0] == 10 and crop[0, 0, 1] == 5 and crop[-1, -1, 0] == 29
+    clipped = crop_box(image, (40.4, 30.6, 100, 100)).asnumpy()
+    assert clipped.shape == (9, 10, 3)  # rounded to (40, 31), clipped at 50x40
+    with pytest.raises(UserError, match="crop box .* outside the 50x40 image"):
+        crop_box(image, (60, 0, 5, 5), source="x.jpg")
+
+
+def make_image_list(tmp_path):
+    """good, missing, truncated, good."""
+    good1 = write_image(tmp_path / "img" / "good1.jpg", noise_image(12, 10, 1))
+    missing = str(tmp_path / "img" / "missing.jpg")
+    bad = truncate(write_image(tmp_path / "img" / "bad.jpg", noise_image(40, 40, 2)))
+    good2 = write_image(tmp_path / "img" / "good2.png", noise_image(9, 7, 3), "PNG")
+    return [good1, missing, bad, good2], [0, 1, 2, 3]
+
+
+def test_image_list_without_skip_raises_on_load(tmp_path):
+    paths, labels = make_image_list(tmp_path)
+    dataset = ImageListDataset(paths, labels)
+    assert len(dataset) == 4
+    image, label = dataset[0]
+    assert image.shape == (12, 10, 3) and label == 0
+    with pytest.raises(UserError, match="missing.jpg: image file not found"):
+        dataset[1]
+    with pytest.raises(UserError, match="bad.jpg: .*truncated JPEG"):
+        dataset[2]
+
+
+def test_skip_bad_images_counts_and_keeps_order(tmp_path):
+    paths, labels = make_image_list(tmp_path)
+    with pytest.warns(UserWarning, match="skipped 2 bad image"):
+        dataset = ImageListDataset(paths, labels, skip_bad_images=True, source="list.txt")
+    assert len(dataset) == 2 and dataset.num_skipped == 2
+    assert [os.path.basename(p) for p, _ in dataset.skipped] == ["missing.jpg", "bad.jpg"]
+    assert "not found" in dataset.skipped[0][1] and "truncated" in dataset.skipped[1][1]
+    assert [dataset[i][1] for i in range(2)] == [0, 3]
+    assert dataset[1][0].shape == (9, 7, 3)
+
+
+def test_skip_bad_images_replaces_undecodable_at_load_time(tmp_path):
+    good = write_image(tmp_path / "good.jpg", noise_image(6, 6))
+    fake = tmp_path / "fake.jpg"  # passes the cheap SOI/EOI check, fails to decode
+    fake.write_bytes(b"\xff\xd8" + b"junk" * 20 + b"\xff\xd9")
+    dataset = ImageListDataset([str(fake), good], ["a", "b"], skip_bad_images=True)
+    assert len(dataset) == 2 and dataset.num_skipped == 0
+    with pytest.warns(UserWarning, match="fake.jpg"):
+        image, label = dataset[0]
+    assert label == "b" and image.shape == (6, 6, 3)
+    assert dataset.num_skipped == 1
+    assert check_image(str(fake)) is None
+
+
+def test_all_bad_images_is_an_error(tmp_path):
+    with pytest.raises(UserError, match="list.txt: expected at least one usable image"):
+        with pytest.warns(UserWarning):
+            ImageListDataset([str(tmp_path / "x.jpg")], [0], skip_bad_images=True,
+                             source="list.txt")
+
+
+def test_array_dataset_replicates_grey():
+    images = np.arange(2 * 4 * 5, dtype=np.uint8).reshape(2, 4, 5)
+    image, label = ArrayImageDataset(images, [3, 4])[1]
+    assert image.shape == (4, 5, 3) and image.dtype == np.uint8 and label == 4
+    np.testing.assert_array_equal(image.asnumpy()[..., 2], images[1])
+
+
+def test_record_round_trip_vector_and_class_labels(tmp_path):
+    images = [smooth_image(20 + i, 30 - i, i) for i in range(3)]
+    paths = [write_image(tmp_path / ("%d.png" % i), im, "PNG") for i, im in enumerate(images)]
+    vectors = np.array([[1, -1, 0], [0, 1, 1], [-1, -1, 1]], np.float32)
+    prefix = str(tmp_path / "attr")
+    assert pack_dataset(ImageListDataset(paths, list(vectors)), prefix, quality=95) == 3
+    back = RecordDataset(prefix + ".rec")
+    assert len(back) == 3
+    for i in range(3):
+        image, label = back[i]
+        assert image.shape == images[i].shape and image.dtype == np.uint8
+        assert label.dtype == np.float32
+        np.testing.assert_array_equal(label, vectors[i])
+        # JPEG q95: close, and in RGB order (a BGR swap would be far off)
+        assert np.abs(image.asnumpy().astype(float) - images[i]).mean() < 3
+
+    prefix = str(tmp_path / "cls")
+    pack_dataset(ImageListDataset(paths, [5, 0, 199]), prefix, resize=16)
+    back = RecordDataset(prefix)
+    assert [back[i][1] for i in range(3)] == [5, 0, 199]
+    assert all(isinstance(back[i][1], int) for i in range(3))
+    assert back[2][0].shape == (16, 16, 3)
+
+
+def test_record_errors(tmp_path):
+    with pytest.raises(UserError, match="missing.rec: record file not found"):
+        RecordDataset(str(tmp_path / "missing"))
+    (tmp_path / "half.rec").write_bytes(b"")
+    with pytest.raises(UserError, match="half.idx: record file not found"):
+        RecordDataset(str(tmp_path / "half.rec"))
+    with pytest.raises(UserError, match="--quality: expected an integer in 1..100"):
+        pack_dataset([], str(tmp_path / "x"), quality=0)
+
+
+def test_records_cli_help(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        records.main(["--help"])
+    assert exit_info.value.code == 0
+    assert "--prefix" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(not os.path.isdir(FASHION_MNIST_DIR), reason="Fashion-MNIST not installed")
+def test_records_cli_packs_fashion_mnist(tmp_path, capsys):
+    prefix = str(tmp_path / "fm")
+    code = records.main(["--task", "attr", "--dataset", "fashion-mnist", "--split", "test",
+                         "--limit", "5", "--prefix", prefix])
+    assert code == 0 and "wrote 5 records" in capsys.readouterr().out
+    from imbalanced_attr.data import FashionMNISTAttributes
+    original = FashionMNISTAttributes("test", limit=5)
+    back = RecordDataset(prefix)
+    assert len(back) == 5
+    for i in range(5):
+        np.testing.assert_array_equal(back[i][1], original[i][1])
+        assert back[i][0].shape == (28, 28, 3)
+    code = records.main(["--task", "fgvc", "--dataset", "nope", "--prefix", prefix])
+    assert code == 2 and "--dataset: expected one of" in capsys.readouterr().err
