@@ -1,0 +1,541 @@
+"""Attribute datasets: WIDER-Attribute, PETA, PA-100K and the Fashion-MNIST demo.
+
+Every reader returns a gluon ``Dataset`` of ``(image, label)``: image an
+H×W×3 uint8 RGB NDArray (the person crop), label a float32 vector in the
+WIDER convention: 1 positive, -1 negative, 0 unspecified. Readers expose
+``attribute_names`` and ``label_matrix`` (N×C float32, e.g. for class
+weights). Splits: 'train', 'val', 'trainval', 'test'.
+
+WIDER-Attribute (``WiderAttribute(root, split)``), two sources:
+
+- ``source='json'``: the official release, ``wider_attribute_trainval.json``
+  and ``wider_attribute_test.json`` (in ``root``, ``root/Anno`` or
+  ``root/wider_attribute_annotation``), images under ``root/Image/``. One
+  item per person (``targets``): the crop is the person box ``bbox``
+  [x, y, w, h] rounded to pixels and clipped to the image (the original
+  trained on SRN's per-box crops: 28,340 trainval + 29,177 test; boxes with no
+  area after clipping are dropped and counted in ``dropped_boxes``). Train /
+  val come from trainval by the image's folder (``train/...`` or ``val/...``).
+- ``source='srn'``: the SRN lists the original read (utilities.get_data):
+  ``wider_att/wider_att_{train,test}_imglist.txt`` (one image path per line,
+  first token; quotes, trailing commas and a leading ``./`` or ``/`` are
+  stripped; extra tokens such as SRN's tag count are ignored) and
+  ``wider_att/wider_att_{train,test}_label.txt`` (14 space-separated
+  1/-1/0 per line), paths relative to ``root``. As in the original, an image
+  is in 'val' when a folder of its path is named ``val``; the rest of the
+  train list is 'train'. These images are already person crops.
+- ``source='auto'`` (default): json when the json file exists, else srn.
+
+The original then resized every crop to 256×256 (PIL, aspect ratio not kept):
+:func:`make_transform` does that resize first.
+
+PETA (``PETA(root, split, partition=0)``): the common ``PETA.mat`` release
+(dangweili/pedestrian-attribute-recognition-pytorch layout): a struct
+``peta`` with fields ``data`` (19000 × (5 + 105): columns 0-4 are image id
+and meta data, columns 5.. the 105 binary attributes), ``attribute`` (105
+names), ``selected_attribute`` (the 35 attributes of the standard protocol,
+1-based) and ``partion_attribute`` (5 random partitions, each a struct with
+1-based ``train`` / ``val`` / ``test`` image indices). Images are
+``root/images/%05d.png`` (1-based). Split: partition ``partition`` (default
+0, the first, as usually reported); trainval = train + val. Labels 0/1 are
+mapped to -1/1.
+
+PA-100K (``PA100K(root, split)``): ``annotation.mat`` (in ``root`` or
+``root/annotation``) with ``attributes`` (26 names), ``{train,val,test}_images_name``
+and ``{train,val,test}_label`` (0/1 -> -1/1); images under ``root/data/`` or
+``root/release_data/release_data/``.
+"""
+import json
+import os
+import random
+
+import numpy as np
+import mxnet as mx
+from mxnet.gluon import Block, HybridBlock
+from mxnet.gluon.data.vision import transforms
+
+from training_runtime import fashion_mnist
+from training_runtime.errors import UserError
+from training_runtime.images import ImageListDataset, ArrayImageDataset
+
+WIDER_ATTRIBUTES = ("Male", "longHair", "sunglass", "Hat", "Tshirt", "longSleeve", "formal",
+                    "shorts", "jeans", "longPants", "skirt", "faceMask", "logo", "stripe")
+SPLITS = ("train", "val", "trainval", "test")
+DATASETS = ("wider", "peta", "pa100k", "fashion-mnist")
+# the original's ImageRecordIter: mean_r/g/b on 0-255 pixels, no std
+ORIGINAL_MEAN = (104.0, 117.0, 123.0)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+# ----------------------------------------------------------------------------- labels
+
+def check_split(split, choices=SPLITS):
+    if split not in choices:
+        raise UserError("split: expected one of %s, got %r" % (", ".join(choices), split))
+
+
+def check_label_values(labels, source, allowed=(-1, 0, 1)):
+    """UserError naming ``source`` and the first bad row when a value is not in ``allowed``."""
+    labels = np.asarray(labels)
+    bad = ~np.isin(labels, allowed)
+    if bad.any():
+        row, col = np.argwhere(bad)[0]
+        raise UserError("%s: expected attribute labels in {%s}, got %s (row %d, attribute %d)"
+                        % (source, ", ".join(map(str, allowed)), labels[row, col], row + 1, col + 1))
+
+
+def parse_label_lines(path, width=None):
+    """Space-separated integer label rows of a text file -> (N, C) float32.
+
+    Every row must have ``width`` values (or the width of the first row) in
+    {-1, 0, 1}; UserError naming the file and line otherwise.
+    """
+    rows = []
+    with _open_text(path) as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = [int(v) for v in line.split()]
+            except ValueError:
+                raise UserError("%s line %d: expected space-separated integers 1/-1/0, got %r"
+                                % (path, number, line.strip()[:60]))
+            if width is None:
+                width = len(row)
+            if len(row) != width:
+                raise UserError("%s line %d: expected %d attribute labels, got %d"
+                                % (path, number, width, len(row)))
+            bad = [v for v in row if v not in (-1, 0, 1)]
+            if bad:
+                raise UserError("%s line %d: expected attribute labels in {-1, 0, 1}, got %d"
+                                % (path, number, bad[0]))
+            rows.append(row)
+    return np.array(rows, dtype=np.float32).reshape(len(rows), width or 0)
+
+
+def training_targets(labels, mask_unspecified=False):
+    """WIDER labels -> (targets, mask), both shaped like ``labels`` (N×C), float32.
+
+    targets: 1 where the label is 1, else 0 — the original maps both -1 and
+    0 (unspecified) to 0 (SPEC quirk 4). mask: all ones (original), or with
+    ``mask_unspecified=True`` 0 where the label is 0 so that unspecified
+    attributes can be left out of the loss. Accepts NDArray (returns
+    NDArrays on its context) or numpy.
+    """
+    if isinstance(labels, mx.nd.NDArray):
+        targets = (labels == 1).astype("float32")
+        mask = (labels != 0).astype("float32") if mask_unspecified else mx.nd.ones_like(targets)
+        return targets, mask
+    labels = np.asarray(labels)
+    targets = (labels == 1).astype(np.float32)
+    mask = (labels != 0).astype(np.float32) if mask_unspecified else np.ones_like(targets)
+    return targets, mask
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def _open_text(path):
+    if not os.path.isfile(path):
+        raise UserError("%s: file not found" % path)
+    return open(path, "r")
+
+
+def _first_existing(candidates, what):
+    for path in candidates:
+        if os.path.exists(path):
+            return path
+    raise UserError("%s: not found (looked for %s)" % (what, ", ".join(candidates)))
+
+
+def _require_root(root, name):
+    if root is None:
+        raise UserError("--data-dir: required for dataset %s" % name)
+    if not os.path.isdir(root):
+        raise UserError("%s: dataset directory not found" % root)
+    return root
+
+
+def _load_mat(path):
+    from scipy.io import loadmat
+    if not os.path.isfile(path):
+        raise UserError("%s: file not found" % path)
+    try:
+        return loadmat(path)
+    except Exception as err:  # scipy raises ValueError/TypeError/MatReadError on bad files
+        raise UserError("%s: expected a MATLAB .mat file (%s)" % (path, err))
+
+
+def mat_strings(cell):
+    """Strings of a MATLAB cell array (any nesting, as loadmat returns them), in order."""
+    if isinstance(cell, str):
+        return [cell]
+    if isinstance(cell, bytes):
+        return [cell.decode()]
+    array = np.asarray(cell)
+    if array.dtype.kind in "US":
+        return [str(v) for v in array.ravel()]
+    out = []
+    for item in array.ravel():
+        out.extend(mat_strings(item))
+    return out
+
+
+def _mat_field(struct, name, path):
+    if struct.dtype.names is None or name not in struct.dtype.names:
+        raise UserError("%s: expected a field %r in the struct, found %s"
+                        % (path, name, ", ".join(struct.dtype.names or ())))
+    return struct[name]
+
+
+class AttributeDataset(ImageListDataset):
+    """:class:`ImageListDataset` with attribute labels (float32 vectors in {1, -1, 0})."""
+
+    def __init__(self, paths, labels, attribute_names, boxes=None, source=None, split=None,
+                 skip_bad_images=False, limit=None):
+        labels = np.asarray(labels, dtype=np.float32)
+        if len(paths) == 0:
+            raise UserError("%s: split %r is empty (expected at least one image)" % (source, split))
+        check_label_values(labels, source)
+        super(AttributeDataset, self).__init__(
+            paths, list(labels), boxes=boxes, skip_bad_images=skip_bad_images, source=source,
+            limit=limit)
+        self.attribute_names = tuple(attribute_names)
+        self.split = split
+
+    @property
+    def label_matrix(self):
+        """N×C float32 labels of the items kept."""
+        return np.stack(self.labels).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------- WIDER
+
+def _find_wider_json(root, part):
+    name = "wider_attribute_%s.json" % part
+    return [os.path.join(root, d, name) for d in ("", "Anno", "wider_attribute_annotation")]
+
+
+def _wider_json_items(root, split):
+    """(paths, labels, boxes, attribute names, json path, dropped box count) of one split."""
+    part = "test" if split == "test" else "trainval"
+    path = _first_existing(_find_wider_json(root, part), "WIDER-Attribute %s annotations" % part)
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except ValueError as err:
+        raise UserError("%s: expected the WIDER-Attribute JSON annotations (%s)" % (path, err))
+    if not isinstance(data, dict) or "images" not in data:
+        raise UserError("%s: expected a JSON object with an 'images' list" % path)
+    names = WIDER_ATTRIBUTES
+    id_map = data.get("attribute_id_map")
+    if isinstance(id_map, dict) and id_map:
+        names = tuple(id_map[k] for k in sorted(id_map, key=int))
+    paths, labels, boxes, dropped = [], [], [], 0
+    for entry in data["images"]:
+        file_name = entry.get("file_name")
+        if not isinstance(file_name, str):
+            raise UserError("%s: expected every image to have a 'file_name'" % path)
+        folders = file_name.replace("\\", "/").split("/")[:-1]
+        in_val = "val" in folders
+        wanted = not (split == "train" and in_val or split == "val" and not in_val)
+        for k, target in enumerate(entry.get("targets", ())):  # every entry is validated
+            where = "%s: image %s target %d" % (path, file_name, k)
+            attribute = target.get("attribute")
+            bbox = target.get("bbox")
+            if not isinstance(attribute, list) or len(attribute) != len(names):
+                raise UserError("%s: expected %d attribute labels, got %s"
+                                % (where, len(names), None if attribute is None else len(attribute)))
+            if any(v not in (-1, 0, 1) for v in attribute):
+                raise UserError("%s: expected attribute labels in {-1, 0, 1}, got %s"
+                                % (where, attribute))
+            if not isinstance(bbox, list) or len(bbox) != 4:
+                raise UserError("%s: expected bbox [x, y, w, h], got %r" % (where, bbox))
+            if not wanted:
+                continue
+            if bbox[2] < 1 or bbox[3] < 1:
+                dropped += 1
+                continue
+            paths.append(os.path.join(root, "Image", file_name))
+            labels.append(attribute)
+            boxes.append(tuple(float(v) for v in bbox))
+    return paths, labels, boxes, names, path, dropped
+
+
+def _clean_list_path(line):
+    """An SRN image-list line -> the image path relative to the dataset root."""
+    token = line.split()[0].strip("'\",")
+    while token.startswith("./"):
+        token = token[2:]
+    return token.lstrip("/")
+
+
+def _wider_srn_items(root, split):
+    part = "test" if split == "test" else "train"
+    names = ["wider_att_%s_imglist.txt" % part, "wider_att_%s_label.txt" % part]
+    list_path, label_path = (
+        _first_existing([os.path.join(root, "wider_att", n), os.path.join(root, n)], n) for n in names)
+    with _open_text(list_path) as f:
+        rel_paths = [_clean_list_path(line) for line in f if line.strip()]
+    labels = parse_label_lines(label_path, width=len(WIDER_ATTRIBUTES))
+    if len(labels) != len(rel_paths):
+        raise UserError("%s: expected one label row per image of %s (%d), got %d rows"
+                        % (label_path, list_path, len(rel_paths), len(labels)))
+    keep = []
+    for i, rel in enumerate(rel_paths):
+        in_val = "val" in rel.split("/")[:-1]
+        if part == "test" or split == "trainval" or in_val == (split == "val"):
+            keep.append(i)
+    paths = [os.path.join(root, rel_paths[i]) for i in keep]
+    return paths, labels[keep], list_path
+
+
+class WiderAttribute(AttributeDataset):
+    """WIDER-Attribute person crops (see the module doc for the layouts).
+
+    root: dataset directory; split: train / val / trainval / test;
+    source: 'auto' | 'json' | 'srn'; skip_bad_images, limit: see ImageListDataset.
+    """
+
+    def __init__(self, root, split="train", source="auto", skip_bad_images=False, limit=None):
+        _require_root(root, "wider")
+        check_split(split)
+        if source not in ("auto", "json", "srn"):
+            raise UserError("source: expected auto, json or srn, got %r" % source)
+        if source == "auto":
+            part = "test" if split == "test" else "trainval"
+            has_json = any(os.path.isfile(p) for p in _find_wider_json(root, part))
+            source = "json" if has_json else "srn"
+        self.dropped_boxes = 0
+        boxes = None
+        if source == "json":
+            paths, labels, boxes, names, ann, self.dropped_boxes = _wider_json_items(root, split)
+        else:
+            paths, labels, ann = _wider_srn_items(root, split)
+            names = WIDER_ATTRIBUTES
+        self.annotation_source = source
+        super(WiderAttribute, self).__init__(paths, labels, names, boxes=boxes, source=ann,
+                                             split=split, skip_bad_images=skip_bad_images,
+                                             limit=limit)
+
+
+# ----------------------------------------------------------------------------- PETA
+
+class PETA(AttributeDataset):
+    """PETA, 35-attribute protocol, from ``root/PETA.mat`` + ``root/images/%05d.png``."""
+
+    def __init__(self, root, split="train", partition=0, skip_bad_images=False, limit=None):
+        _require_root(root, "peta")
+        check_split(split)
+        mat_path = os.path.join(root, "PETA.mat")
+        mat = _load_mat(mat_path)
+        if "peta" not in mat:
+            raise UserError("%s: expected a variable 'peta', found %s"
+                            % (mat_path, ", ".join(k for k in mat if not k.startswith("__"))))
+        peta = mat["peta"][0, 0] if mat["peta"].size == 1 else None
+        if peta is None or peta.dtype.names is None:
+            raise UserError("%s: expected 'peta' to be a 1x1 struct" % mat_path)
+        data = np.asarray(peta["data"], dtype=np.float64)
+        names = mat_strings(peta["attribute"])
+        selected = np.asarray(peta["selected_attribute"]).ravel().astype(int) - 1
+        partitions = np.asarray(peta["partion_attribute"]).ravel()
+        if data.ndim != 2 or data.shape[1] < 5 + len(names):
+            raise UserError("%s: expected peta.data with 5 + %d columns, got shape %s"
+                            % (mat_path, len(names), data.shape))
+        if not 0 <= partition < len(partitions):
+            raise UserError("partition: expected 0..%d for %s, got %d"
+                            % (len(partitions) - 1, mat_path, partition))
+        part = partitions[partition]
+        while isinstance(part, np.ndarray) and part.dtype.names is None:
+            part = part.ravel()[0]  # unwrap cell nesting
+        if isinstance(part, np.ndarray):
+            part = part.ravel()[0]  # 1x1 struct array -> its record
+        indices = {}
+        for key in ("train", "val", "test"):
+            indices[key] = np.asarray(_mat_field(part, key, mat_path)).ravel().astype(int) - 1
+        indices["trainval"] = np.concatenate([indices["train"], indices["val"]])
+        rows = indices[split]
+        if rows.size and (rows.min() < 0 or rows.max() >= len(data)):
+            raise UserError("%s: partition %d %s indices outside 1..%d"
+                            % (mat_path, partition, split, len(data)))
+        binary = data[rows][:, 5 + selected]
+        if not np.isin(binary, (0, 1)).all():
+            raise UserError("%s: expected 0/1 attribute values in peta.data columns 5.., got %s"
+                            % (mat_path, np.unique(binary[~np.isin(binary, (0, 1))])[:3]))
+        paths = [os.path.join(root, "images", "%05d.png" % (r + 1)) for r in rows]
+        super(PETA, self).__init__(paths, binary * 2 - 1, [names[i] for i in selected],
+                                   source=mat_path, split=split,
+                                   skip_bad_images=skip_bad_images, limit=limit)
+
+
+# ----------------------------------------------------------------------------- PA-100K
+
+class PA100K(AttributeDataset):
+    """PA-100K from ``annotation.mat`` (26 attributes, official train/val/test)."""
+
+    def __init__(self, root, split="train", skip_bad_images=False, limit=None):
+        _require_root(root, "pa100k")
+        check_split(split)
+        mat_path = _first_existing([os.path.join(root, "annotation.mat"),
+                                    os.path.join(root, "annotation", "annotation.mat")],
+                                   "PA-100K annotation.mat")
+        mat = _load_mat(mat_path)
+        image_dir = _first_existing([os.path.join(root, "data"),
+                                     os.path.join(root, "release_data", "release_data")],
+                                    "PA-100K image folder")
+        parts = ("train", "val") if split == "trainval" else (split,)
+        names_key = "attributes"
+        if names_key not in mat:
+            raise UserError("%s: expected a variable 'attributes'" % mat_path)
+        names = mat_strings(mat[names_key])
+        paths, labels = [], []
+        for part in parts:
+            for key in ("%s_images_name" % part, "%s_label" % part):
+                if key not in mat:
+                    raise UserError("%s: expected a variable %r" % (mat_path, key))
+            files = mat_strings(mat["%s_images_name" % part])
+            label = np.asarray(mat["%s_label" % part])
+            if label.ndim != 2 or label.shape != (len(files), len(names)):
+                raise UserError("%s: expected %s_label of shape %dx%d, got %s"
+                                % (mat_path, part, len(files), len(names), label.shape))
+            if not np.isin(label, (0, 1)).all():
+                raise UserError("%s: expected 0/1 values in %s_label" % (mat_path, part))
+            paths.extend(os.path.join(image_dir, f) for f in files)
+            labels.append(label.astype(np.float32) * 2 - 1)
+        super(PA100K, self).__init__(paths, np.concatenate(labels), names, source=mat_path,
+                                     split=split, skip_bad_images=skip_bad_images, limit=limit)
+
+
+# ----------------------------------------------------------------------------- Fashion-MNIST
+
+FASHION_MNIST_VAL = 10000  # the last 10,000 training images form 'val'
+
+
+def fashion_mnist_split(split, data_dir=None, limit=None):
+    """(N×28×28 uint8 images, (N,) class labels) of train (first 50,000) / val (last
+    10,000 of the training file) / trainval (all 60,000) / test (10,000)."""
+    check_split(split)
+    images, classes = fashion_mnist.load_split("test" if split == "test" else "train", data_dir)
+    cut = len(images) - FASHION_MNIST_VAL
+    if split == "train":
+        images, classes = images[:cut], classes[:cut]
+    elif split == "val":
+        images, classes = images[cut:], classes[cut:]
+    if limit is not None:
+        images, classes = images[:limit], classes[:limit]
+    if len(images) == 0:
+        raise UserError("split %r of Fashion-MNIST is empty (limit=%s)" % (split, limit))
+    return images, classes
+
+
+class FashionMNISTAttributes(ArrayImageDataset):
+    """Fashion-MNIST demo: 28×28 grey images as 3 channels, derived attributes (1/-1).
+
+    split: train / val / trainval / test (see :func:`fashion_mnist_split`).
+    """
+
+    def __init__(self, split="train", data_dir=None, limit=None):
+        images, classes = fashion_mnist_split(split, data_dir, limit)
+        labels = fashion_mnist.attribute_labels(classes).astype(np.float32)
+        super(FashionMNISTAttributes, self).__init__(images, labels)
+        self.attribute_names = fashion_mnist.ATTRIBUTE_NAMES
+        self.split = split
+        self.skipped = []
+        self.num_skipped = 0
+
+    @property
+    def label_matrix(self):
+        return np.asarray(self.labels, dtype=np.float32)
+
+
+def get_dataset(name, data_dir, split, **opts):
+    """Attribute dataset by name: 'wider', 'peta', 'pa100k' or 'fashion-mnist'.
+
+    opts go to the reader (skip_bad_images, limit, source, partition; the demo
+    takes only limit).
+    """
+    if name == "wider":
+        return WiderAttribute(data_dir, split, **opts)
+    if name == "peta":
+        return PETA(data_dir, split, **opts)
+    if name == "pa100k":
+        return PA100K(data_dir, split, **opts)
+    if name == "fashion-mnist":
+        opts.pop("skip_bad_images", None)
+        return FashionMNISTAttributes(split, data_dir, **opts)
+    raise UserError("--dataset: expected one of %s, got %r" % (", ".join(DATASETS), name))
+
+
+# ----------------------------------------------------------------------------- transforms
+
+class RandomSquareCrop(Block):
+    """The original's ImageRecordIter crop: a square of random side in [min_size, max_size]
+    (uniform integer) at a random position, resized (bilinear) to size×size.
+
+    Input H×W×3 uint8 NDArray with H, W >= max_size; output size×size×3.
+    """
+
+    def __init__(self, min_size, max_size, size, interpolation=1):
+        super(RandomSquareCrop, self).__init__()
+        self._min, self._max, self._size, self._interp = min_size, max_size, size, interpolation
+
+    def forward(self, x):
+        height, width = x.shape[:2]
+        side = random.randint(self._min, self._max)
+        x0 = random.randint(0, width - side)
+        y0 = random.randint(0, height - side)
+        return mx.image.fixed_crop(x, x0, y0, side, side, size=(self._size, self._size),
+                                   interp=self._interp)
+
+
+class ToFloatCHW(HybridBlock):
+    """H×W×3 uint8 -> 3×H×W float32, values kept on 0-255 (the original's pixel range)."""
+
+    def hybrid_forward(self, F, x):
+        return F.transpose(F.cast(x, "float32"), axes=(2, 0, 1))
+
+
+def make_transform(train, input_size=224, resize=None, min_crop=None, max_crop=None,
+                   normalize="original"):
+    """Image transform of the attribute model: H×W×3 uint8 NDArray -> 3×S×S float32.
+
+    Reproduces the original's data path (preprocessing.resize_images + the
+    ImageRecordIter settings of utilities.get_iterators):
+
+    - every image is first resized to resize×resize (aspect ratio not kept;
+      the original stored its crops at 256×256; area interpolation stands in
+      for PIL's ANTIALIAS);
+    - train: a square crop of random integer side in [min_crop, max_crop] at a
+      random position, resized (bilinear) to input_size, random mirror;
+    - eval: the center input_size×input_size crop (the val/test iterators set
+      no resize and no crop size, so ImageRecordIter takes the center crop of
+      the stored 256×256 image);
+    - normalize='original': subtract the mean (R 104, G 117, B 123) from
+      0-255 pixels, no std; 'imagenet': pixels / 255, ImageNet mean and std.
+
+    resize, min_crop and max_crop default to 256, 128 and 224 scaled by
+    input_size / 224 (exactly the original's values for input_size 224; for
+    the 28-pixel demo: 32, 16, 28).
+    """
+    scale = input_size / 224.0
+    resize = int(round(256 * scale)) if resize is None else int(resize)
+    min_crop = int(round(128 * scale)) if min_crop is None else int(min_crop)
+    max_crop = input_size if max_crop is None else int(max_crop)
+    if normalize not in ("original", "imagenet"):
+        raise UserError("normalize: expected 'original' or 'imagenet', got %r" % (normalize,))
+    if not 0 < min_crop <= max_crop <= resize:
+        raise UserError("crop sizes: expected 0 < min_crop <= max_crop <= resize, got %d, %d, %d"
+                        % (min_crop, max_crop, resize))
+    if input_size > resize:
+        raise UserError("input_size: expected at most resize (%d), got %d" % (resize, input_size))
+    steps = [transforms.Resize(resize, keep_ratio=False, interpolation=3)]
+    if train:
+        steps += [RandomSquareCrop(min_crop, max_crop, input_size),
+                  transforms.RandomFlipLeftRight()]
+    else:
+        steps.append(transforms.CenterCrop(input_size))
+    if normalize == "original":
+        steps += [ToFloatCHW(), transforms.Normalize(ORIGINAL_MEAN, (1.0, 1.0, 1.0))]
+    else:
+        steps += [transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    return transforms.Compose(steps)
