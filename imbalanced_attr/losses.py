@@ -15,6 +15,9 @@ Faithfulness (see ../shared/SPEC.md section 1.3 and the golden quirks IL-1..IL-1
 - ``plain_bce=True`` reproduces what the original script actually trained with
   (IL-1): its own log-sum-exp sigmoid BCE, whose gradient at a logit of exactly
   0 is (0.5 - y) / C (Gluon's SigmoidBinaryCrossEntropyLoss gives -y / C there).
+- ``stable=True`` (improvement, off by default) takes p and its logs from
+  sigmoid / log-sigmoid ops: the original's naive form has NaN gradients below
+  x = -88.7 and caps log(0) at log(1e-12).
 - ``PredictionHistory`` is keyed by dataset index, not by batch position
   (SPEC quirk 3), so shuffled loaders and any dataset size work; its schedule
   (record from epoch 2, weight from epoch 5, unrecorded slots are zeros) is the
@@ -48,6 +51,21 @@ WIDER_BATCH_RATIOS = np.float32(1.0) / WIDER_CLASS_WEIGHTS
 def _naive_sigmoid(F, logits):
     """p = 1 / (1 + exp(-x)) exactly as the original: 1.0 for x >~ 16.6, 0 for x < -88.7 (IL-3)."""
     return 1. / (1. + F.exp(-logits))
+
+
+def _probability_terms(F, logits, stable):
+    """(p, log p, log(1 - p)) of the logits, each N x C.
+
+    Default: the original's naive sigmoid with 1e-12 inside the logs (IL-3, IL-5);
+    its gradient is NaN for x < -88.7 (exp overflows) and the logs are capped at
+    log(1e-12) once p rounds to 0 or 1. ``stable``: sigmoid and log-sigmoid ops
+    (log p = -softrelu(-x)), finite and uncapped everywhere.
+    """
+    if stable:
+        return (F.sigmoid(logits), -F.Activation(-logits, act_type="softrelu"),
+                -F.Activation(logits, act_type="softrelu"))
+    p = _naive_sigmoid(F, logits)
+    return p, F.log(p + LOG_EPS), F.log(1. - p + LOG_EPS)
 
 
 def _original_bce(F, logits, labels):
@@ -110,6 +128,11 @@ class WeightedFocalLoss(Loss):
     plain_bce : bool
         True: the original script's actual training loss (IL-1), its
         log-sum-exp sigmoid BCE; batch_ratios and gamma are then unused.
+    stable : bool
+        Improvement, off by default: p and the logs from sigmoid / log-sigmoid
+        ops instead of the original's naive 1 / (1 + exp(-x)) with 1e-12, so
+        saturated logits keep finite, uncapped gradients (the original's are
+        NaN below x = -88.7).
 
     ``label_mask`` (optional, N x C, 1 = counted, 0 = left out): the loss is the
     mean over the counted attributes of each sample (0 if none is counted); this
@@ -117,7 +140,7 @@ class WeightedFocalLoss(Loss):
     hybridized, call an instance always with or always without the mask.
     """
 
-    def __init__(self, batch_ratios, gamma=2.0, plain_bce=False, **kwargs):
+    def __init__(self, batch_ratios, gamma=2.0, plain_bce=False, stable=False, **kwargs):
         super(WeightedFocalLoss, self).__init__(None, 0, **kwargs)
         ratios = np.asarray(batch_ratios.asnumpy() if isinstance(batch_ratios, nd.NDArray)
                             else batch_ratios, dtype=np.float32)
@@ -126,6 +149,7 @@ class WeightedFocalLoss(Loss):
                             "C values (1 / class weight), got %r" % (ratios,))
         self._gamma = float(gamma)
         self._plain_bce = bool(plain_bce)
+        self._stable = bool(stable)
         self._num_attributes = ratios.size
         # The plain BCE does not use the ratios: no constant then (a hybridized graph would
         # warn about an unused parameter).
@@ -158,12 +182,12 @@ class WeightedFocalLoss(Loss):
             label_mask = F.reshape_like(label_mask, logits)
         if self._plain_bce:
             return _mean_over_attributes(F, _original_bce(F, logits, labels), label_mask)
-        p = _naive_sigmoid(F, logits)
+        p, log_p, log_not_p = _probability_terms(F, logits, self._stable)
         # exp(1 - b) for a positive, exp(b) for a negative (IL-4); a constant: no gradient.
         weights = F.exp(F.broadcast_add(labels, F.broadcast_mul(1 - labels * 2,
                                                                 F.reshape(batch_ratios, (1, -1)))))
         w_p, w_n = F.power(1. - p, self._gamma), F.power(p, self._gamma)
-        loss = -(w_p * F.log(p + LOG_EPS) * labels + w_n * F.log(1. - p + LOG_EPS) * (1. - labels))
+        loss = -(w_p * log_p * labels + w_n * log_not_p * (1. - labels))
         loss = loss * weights
         return _mean_over_attributes(F, loss, label_mask)
 
@@ -182,12 +206,13 @@ class AttentionHistoryLoss(Loss):
 
     ``plain_bce=True``: the original script's actual training loss (IL-1), its
     log-sum-exp sigmoid BCE; std_weights are then ignored like the original's
-    history. ``label_mask``: as in ``WeightedFocalLoss``.
+    history. ``stable``, ``label_mask``: as in ``WeightedFocalLoss``.
     """
 
-    def __init__(self, plain_bce=False, **kwargs):
+    def __init__(self, plain_bce=False, stable=False, **kwargs):
         super(AttentionHistoryLoss, self).__init__(None, 0, **kwargs)
         self._plain_bce = bool(plain_bce)
+        self._stable = bool(stable)
 
     def forward(self, logits, labels, std_weights=None, label_mask=None):
         _check_loss_inputs("AttentionHistoryLoss", logits, labels,
@@ -206,9 +231,8 @@ class AttentionHistoryLoss(Loss):
             label_mask = F.reshape_like(label_mask, logits)
         if self._plain_bce:
             return _mean_over_attributes(F, _original_bce(F, logits, labels), label_mask)
-        p = _naive_sigmoid(F, logits)
-        loss = -F.reshape_like(std_weights, logits) * (
-            F.log(p + LOG_EPS) * labels + F.log(1. - p + LOG_EPS) * (1. - labels))
+        _, log_p, log_not_p = _probability_terms(F, logits, self._stable)
+        loss = -F.reshape_like(std_weights, logits) * (log_p * labels + log_not_p * (1. - labels))
         return _mean_over_attributes(F, loss, label_mask)
 
 
@@ -355,11 +379,11 @@ class PredictionHistory(object):
     def load_state_dict(self, state):
         """Restore the buffer from ``state_dict()`` output (the schedule stays as constructed)."""
         expected = (self.length, self.num_samples, self.num_attributes)
-        history = state.get("history") if isinstance(state, dict) else None
-        if history is None:
+        if not isinstance(state, dict) or state.get("history") is None:
+            found = sorted(state) if isinstance(state, dict) else type(state).__name__
             raise UserError("PredictionHistory state: expected a dict with a 'history' array of "
-                            "shape %s, got %s" % (expected, type(state).__name__ if not isinstance(
-                                state, dict) else "keys %s" % sorted(state)))
+                            "shape %s, got %s" % (expected, found))
+        history = state["history"]
         history = np.asarray(history.asnumpy() if isinstance(history, nd.NDArray) else history)
         if history.shape != expected:
             raise UserError("PredictionHistory state: 'history' expected shape %s (T, num_samples, "

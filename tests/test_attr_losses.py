@@ -3,6 +3,7 @@ import numpy as np
 import mxnet as mx
 import pytest
 from mxnet import autograd, gluon, nd
+from scipy.special import expit
 
 from conftest import assert_golden, golden_cases, golden_tolerance, load_golden
 from imbalanced_attr.losses import (WIDER_BATCH_RATIOS, WIDER_CLASS_WEIGHTS, AttentionHistoryLoss,
@@ -142,14 +143,15 @@ def forward64(block, *args):
         None if a is None else nd.array(a, dtype="float64") for a in args]).asnumpy()
 
 
-@pytest.mark.parametrize("plain_bce", [False, True])
+@pytest.mark.parametrize("plain_bce, stable", [(False, False), (True, False), (False, True)])
 @pytest.mark.parametrize("masked", [False, True])
-def test_focal_gradient_matches_finite_differences(plain_bce, masked):
+def test_focal_gradient_matches_finite_differences(plain_bce, stable, masked):
     rng = np.random.RandomState(3)
     logits = rng.uniform(-6, 6, (4, 5))
     labels = (rng.rand(4, 5) < 0.4).astype(np.float64)
     mask = (rng.rand(4, 5) < 0.7).astype(np.float64) if masked else None
-    block = float64_block(WeightedFocalLoss(rng.uniform(0.05, 1, 5), plain_bce=plain_bce))
+    block = float64_block(WeightedFocalLoss(rng.uniform(0.05, 1, 5), plain_bce=plain_bce,
+                                            stable=stable))
     _, grad = loss_and_grad(block, logits, labels, mask, dtype="float64")
     numeric = central_difference(forward64(block, labels, mask), logits)
     np.testing.assert_allclose(grad, numeric, rtol=1e-6, atol=1e-8)
@@ -157,13 +159,14 @@ def test_focal_gradient_matches_finite_differences(plain_bce, masked):
 
 @pytest.mark.parametrize("weighted", [False, True])
 @pytest.mark.parametrize("masked", [False, True])
-def test_history_gradient_matches_finite_differences(weighted, masked):
+@pytest.mark.parametrize("stable", [False, True])
+def test_history_gradient_matches_finite_differences(weighted, masked, stable):
     rng = np.random.RandomState(4)
     logits = rng.uniform(-6, 6, (4, 5))
     labels = (rng.rand(4, 5) < 0.4).astype(np.float64)
     weights = history_std_weights(rng.rand(5, 4, 5)) if weighted else None
     mask = (rng.rand(4, 5) < 0.7).astype(np.float64) if masked else None
-    block = AttentionHistoryLoss()
+    block = AttentionHistoryLoss(stable=stable)
     _, grad = loss_and_grad(block, logits, labels, weights, mask, dtype="float64")
     numeric = central_difference(forward64(block, labels, weights, mask), logits)
     np.testing.assert_allclose(grad, numeric, rtol=1e-6, atol=1e-8)
@@ -181,6 +184,40 @@ def test_plain_bce_gradient_at_zero_logit_is_the_originals():
             loss, grad = loss_and_grad(block, np.zeros((2, 4)), labels)
             np.testing.assert_allclose(loss, np.log(2), rtol=1e-6)
             np.testing.assert_array_equal(grad, expected.astype(np.float32), err_msg=mode)
+
+
+def test_stable_option_equals_default_on_moderate_logits():
+    rng = np.random.RandomState(13)
+    logits = rng.uniform(-8, 8, (6, 5))
+    labels = (rng.rand(6, 5) < .4).astype(np.float64)
+    weights = 1 + rng.rand(6, 5)
+    ratios = rng.uniform(.05, 1, 5)
+    for make_block, extra in [(lambda **kw: float64_block(WeightedFocalLoss(ratios, **kw)), []),
+                              (lambda **kw: AttentionHistoryLoss(**kw), [weights])]:
+        default = loss_and_grad(make_block(), logits, labels, *extra, dtype="float64")
+        for mode, block in both_modes(lambda: make_block(stable=True)):
+            stable = loss_and_grad(block, logits, labels, *extra, dtype="float64")
+            for a, b in zip(stable, default):
+                np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-12, err_msg=mode)
+
+
+def test_stable_option_keeps_saturated_gradients_finite():
+    # The original's naive sigmoid: NaN gradient below x = -88.7, log capped at log(1e-12) above
+    # ~16.6. The stable form: BCE gradient (sigmoid(x) - y) * w / C everywhere.
+    logits = np.array([[-100., -50., -20., 20., 50., 100.]] * 2, dtype=np.float32)
+    labels = np.array([[0.] * 6, [1.] * 6], dtype=np.float32)
+    _, naive = loss_and_grad(AttentionHistoryLoss(), logits, labels)
+    assert np.isnan(naive[:, 0]).all(), "faithful default: the original's NaN gradient"
+    loss, grad = loss_and_grad(AttentionHistoryLoss(stable=True), logits, labels, 2 * np.ones((2, 6)))
+    x = logits.astype(np.float64)
+    expected = 2 * np.where(labels > 0, -expit(-x), expit(x)) / 6  # sigmoid(x) - y, no cancellation
+    np.testing.assert_allclose(grad, expected, rtol=1e-5, atol=1e-30)
+    np.testing.assert_allclose(loss, 2 * np.mean(np.logaddexp(0, np.where(labels > 0, -logits, logits)),
+                                                 axis=1), rtol=1e-5)
+    focal_loss, focal_grad = loss_and_grad(WeightedFocalLoss(np.full(6, .5), stable=True),
+                                           logits, labels)
+    assert np.isfinite(focal_loss).all() and np.isfinite(focal_grad).all()
+    assert (focal_grad[0, 3:] > 0).all() and (focal_grad[1, :3] < 0).all(), "wrong side pushes back"
 
 
 def test_plain_bce_ignores_history_weights():
