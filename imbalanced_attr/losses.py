@@ -103,7 +103,27 @@ def _check_loss_inputs(owner, logits, labels, extra):
 
 # ----------------------------------------------------------------------------------------------
 
-class WeightedFocalLoss(Loss):
+class _AttributeLoss(Loss):
+    """What both losses share: the plain-BCE mode, the stable option, label reshaping, the mean."""
+
+    def __init__(self, plain_bce, stable, **kwargs):
+        super(_AttributeLoss, self).__init__(None, 0, **kwargs)
+        self._plain_bce = bool(plain_bce)
+        self._stable = bool(stable)
+
+    def _per_sample(self, F, logits, labels, label_mask, published_loss):
+        """(N,) loss: ``published_loss(labels)`` (N x C) or the original's BCE, then the mean."""
+        labels = F.reshape_like(labels, logits)
+        if label_mask is not None:
+            label_mask = F.reshape_like(label_mask, logits)
+        if self._plain_bce:
+            loss = _original_bce(F, logits, labels)
+        else:
+            loss = published_loss(labels)
+        return _mean_over_attributes(F, loss, label_mask)
+
+
+class WeightedFocalLoss(_AttributeLoss):
     """Class-weighted focal loss of the main (backbone) branch.
 
     ``loss(logits, labels[, label_mask])`` with logits, labels (and mask) N x C
@@ -141,15 +161,13 @@ class WeightedFocalLoss(Loss):
     """
 
     def __init__(self, batch_ratios, gamma=2.0, plain_bce=False, stable=False, **kwargs):
-        super(WeightedFocalLoss, self).__init__(None, 0, **kwargs)
+        super(WeightedFocalLoss, self).__init__(plain_bce, stable, **kwargs)
         ratios = np.asarray(batch_ratios.asnumpy() if isinstance(batch_ratios, nd.NDArray)
                             else batch_ratios, dtype=np.float32)
         if ratios.ndim != 1 or ratios.size == 0 or not np.all(np.isfinite(ratios)):
             raise UserError("WeightedFocalLoss: batch_ratios: expected a finite 1-D array of "
                             "C values (1 / class weight), got %r" % (ratios,))
         self._gamma = float(gamma)
-        self._plain_bce = bool(plain_bce)
-        self._stable = bool(stable)
         self._num_attributes = ratios.size
         # The plain BCE does not use the ratios: no constant then (a hybridized graph would
         # warn about an unused parameter).
@@ -177,22 +195,18 @@ class WeightedFocalLoss(Loss):
             self.batch_ratios.reset_ctx(contexts + [ctx])
 
     def hybrid_forward(self, F, logits, labels, label_mask=None, batch_ratios=None):
-        labels = F.reshape_like(labels, logits)
-        if label_mask is not None:
-            label_mask = F.reshape_like(label_mask, logits)
-        if self._plain_bce:
-            return _mean_over_attributes(F, _original_bce(F, logits, labels), label_mask)
-        p, log_p, log_not_p = _probability_terms(F, logits, self._stable)
-        # exp(1 - b) for a positive, exp(b) for a negative (IL-4); a constant: no gradient.
-        weights = F.exp(F.broadcast_add(labels, F.broadcast_mul(1 - labels * 2,
-                                                                F.reshape(batch_ratios, (1, -1)))))
-        w_p, w_n = F.power(1. - p, self._gamma), F.power(p, self._gamma)
-        loss = -(w_p * log_p * labels + w_n * log_not_p * (1. - labels))
-        loss = loss * weights
-        return _mean_over_attributes(F, loss, label_mask)
+        def focal(labels):
+            p, log_p, log_not_p = _probability_terms(F, logits, self._stable)
+            # exp(1 - b) for a positive, exp(b) for a negative (IL-4); a constant: no gradient.
+            weights = F.exp(F.broadcast_add(labels, F.broadcast_mul(
+                1 - labels * 2, F.reshape(batch_ratios, (1, -1)))))
+            w_p, w_n = F.power(1. - p, self._gamma), F.power(p, self._gamma)
+            loss = -(w_p * log_p * labels + w_n * log_not_p * (1. - labels))
+            return loss * weights
+        return self._per_sample(F, logits, labels, label_mask, focal)
 
 
-class AttentionHistoryLoss(Loss):
+class AttentionHistoryLoss(_AttributeLoss):
     """History-weighted BCE of each attention stage.
 
     ``loss(logits, labels[, std_weights[, label_mask]])`` (all N x C, positional)
@@ -210,9 +224,7 @@ class AttentionHistoryLoss(Loss):
     """
 
     def __init__(self, plain_bce=False, stable=False, **kwargs):
-        super(AttentionHistoryLoss, self).__init__(None, 0, **kwargs)
-        self._plain_bce = bool(plain_bce)
-        self._stable = bool(stable)
+        super(AttentionHistoryLoss, self).__init__(plain_bce, stable, **kwargs)
 
     def forward(self, logits, labels, std_weights=None, label_mask=None):
         _check_loss_inputs("AttentionHistoryLoss", logits, labels,
@@ -226,14 +238,11 @@ class AttentionHistoryLoss(Loss):
         return super(AttentionHistoryLoss, self).forward(logits, labels, std_weights, label_mask)
 
     def hybrid_forward(self, F, logits, labels, std_weights=None, label_mask=None):
-        labels = F.reshape_like(labels, logits)
-        if label_mask is not None:
-            label_mask = F.reshape_like(label_mask, logits)
-        if self._plain_bce:
-            return _mean_over_attributes(F, _original_bce(F, logits, labels), label_mask)
-        _, log_p, log_not_p = _probability_terms(F, logits, self._stable)
-        loss = -F.reshape_like(std_weights, logits) * (log_p * labels + log_not_p * (1. - labels))
-        return _mean_over_attributes(F, loss, label_mask)
+        def weighted_bce(labels):
+            _, log_p, log_not_p = _probability_terms(F, logits, self._stable)
+            return -F.reshape_like(std_weights, logits) * (
+                log_p * labels + log_not_p * (1. - labels))
+        return self._per_sample(F, logits, labels, label_mask, weighted_bce)
 
 
 # ----------------------------------------------------------------------------------------------
