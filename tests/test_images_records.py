@@ -100,6 +100,15 @@ def test_truncated_jpeg_is_detected(tmp_path):
         load_image(path)
 
 
+def test_check_image_reads_head_and_tail_of_large_files(tmp_path):
+    good = write_image(tmp_path / "big.jpg", noise_image(160, 160))
+    assert os.path.getsize(good) > 10000  # beyond the head + tail that check_image reads
+    assert check_image(good) is None
+    bad = truncate(write_image(tmp_path / "bigcut.jpg", noise_image(160, 160)), 0.8)
+    assert "truncated JPEG" in check_image(bad)
+    assert check_image(str(tmp_path / "none.jpg")) == "image file not found"
+
+
 def test_truncated_png_is_detected(tmp_path):
     path = truncate(write_image(tmp_path / "t.png", noise_image(32, 32), "PNG"), 0.9)
     with pytest.raises(UserError, match="t.png: .*truncated PNG"):
