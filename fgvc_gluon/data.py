@@ -35,7 +35,7 @@ directory the archive extracts to):
   ImageFolder); ``split='all'`` reads ``root/<class>/<image>``. Classes are
   the sorted folder names (gluon ImageFolderDataset's listing).
 - Fashion-MNIST demo (``FashionMNISTClasses``, 'fashion-mnist'): 10 classes,
-  28×28 grey images as 3 channels; splits as imbalanced_attr.data
+  28×28 grey images as 3 channels; splits of training_runtime.fashion_mnist.split_arrays
   (train = first 50,000, val = last 10,000 training images, test).
 """
 import os
@@ -49,9 +49,9 @@ from mxnet.gluon.data.vision import transforms, ImageFolderDataset
 
 from training_runtime import fashion_mnist
 from training_runtime.errors import UserError
-from training_runtime.images import ImageListDataset, ArrayImageDataset, crop_box, load_image
-from imbalanced_attr.data import (check_split, fashion_mnist_split, mat_strings, _load_mat,
-                                  _first_existing, _require_root, _open_text)
+from training_runtime.images import (ImageListDataset, ArrayImageDataset, check_split, crop_box,
+                                     first_existing, load_image, load_mat, mat_strings,
+                                     open_text, require_root)
 
 DATASETS = ("cub", "cub-s3n", "aircraft", "cars", "flowers", "folder", "fashion-mnist")
 CUB_CLASSES = 200
@@ -92,7 +92,7 @@ def _read_id_table(path, fields, converters):
     line when converters[-1] is str).
     """
     table = OrderedDict()
-    with _open_text(path) as f:
+    with open_text(path) as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -114,7 +114,7 @@ class CUB(ClassDataset):
     """CUB-200-2011 from its official list files (see module doc)."""
 
     def __init__(self, root, split="train", crop_boxes=False, skip_bad_images=False, limit=None):
-        _require_root(root, "cub")
+        require_root(root, "cub")
         check_split(split, ("train", "test"))
         files = {name: os.path.join(root, name + ".txt")
                  for name in ("images", "image_class_labels", "train_test_split",
@@ -157,10 +157,10 @@ class CUBS3N(ClassDataset):
 
     def __init__(self, root, split="train", label_base=0, num_classes=CUB_CLASSES,
                  skip_bad_images=False, limit=None):
-        _require_root(root, "cub-s3n")
+        require_root(root, "cub-s3n")
         list_path = os.path.join(root, "%s.txt" % split)
         entries = OrderedDict()
-        with _open_text(list_path) as f:
+        with open_text(list_path) as f:
             for number, line in enumerate(f, 1):
                 if not line.strip():
                     continue
@@ -185,16 +185,16 @@ class Aircraft(ClassDataset):
     """FGVC-Aircraft, variant level (100 classes), see module doc."""
 
     def __init__(self, root, split="train", crop_banner=True, skip_bad_images=False, limit=None):
-        _require_root(root, "aircraft")
+        require_root(root, "aircraft")
         check_split(split, ("train", "val", "trainval", "test"))
         data_dir = os.path.join(root, "data") if os.path.isdir(os.path.join(root, "data")) else root
         variants_path = os.path.join(data_dir, "variants.txt")
-        with _open_text(variants_path) as f:
+        with open_text(variants_path) as f:
             variants = [line.strip() for line in f if line.strip()]
         index = {name: i for i, name in enumerate(variants)}
         list_path = os.path.join(data_dir, "images_variant_%s.txt" % split)
         paths, labels = [], []
-        with _open_text(list_path) as f:
+        with open_text(list_path) as f:
             for number, line in enumerate(f, 1):
                 if not line.strip():
                     continue
@@ -246,18 +246,18 @@ class Cars(ClassDataset):
     """Stanford Cars (196 classes) from the devkit .mat files, see module doc."""
 
     def __init__(self, root, split="train", crop_boxes=False, skip_bad_images=False, limit=None):
-        _require_root(root, "cars")
+        require_root(root, "cars")
         check_split(split, ("train", "test"))
-        meta_path = _first_existing([os.path.join(root, "devkit", "cars_meta.mat"),
+        meta_path = first_existing([os.path.join(root, "devkit", "cars_meta.mat"),
                                      os.path.join(root, "cars_meta.mat")], "cars_meta.mat")
-        meta = _load_mat(meta_path)
+        meta = load_mat(meta_path)
         if "class_names" not in meta:
             raise UserError("%s: expected a variable 'class_names'" % meta_path)
         names = mat_strings(meta["class_names"])
         name = "cars_train_annos.mat" if split == "train" else "cars_test_annos_withlabels.mat"
-        ann_path = _first_existing([os.path.join(root, "devkit", name), os.path.join(root, name)],
+        ann_path = first_existing([os.path.join(root, "devkit", name), os.path.join(root, name)],
                                    name)
-        rows = _struct_rows(_load_mat(ann_path), "annotations", ann_path,
+        rows = _struct_rows(load_mat(ann_path), "annotations", ann_path,
                             ("bbox_x1", "bbox_y1", "bbox_x2", "bbox_y2", "class", "fname"))
         image_dir = os.path.join(root, "cars_train" if split == "train" else "cars_test")
         paths = [os.path.join(image_dir, r["fname"]) for r in rows]
@@ -279,11 +279,11 @@ class Flowers(ClassDataset):
                   "test": ("tstid",)}
 
     def __init__(self, root, split="train", skip_bad_images=False, limit=None):
-        _require_root(root, "flowers")
+        require_root(root, "flowers")
         check_split(split, tuple(self.SPLIT_KEYS))
         labels_path = os.path.join(root, "imagelabels.mat")
         setid_path = os.path.join(root, "setid.mat")
-        labels_mat, setid = _load_mat(labels_path), _load_mat(setid_path)
+        labels_mat, setid = load_mat(labels_path), load_mat(setid_path)
         if "labels" not in labels_mat:
             raise UserError("%s: expected a variable 'labels'" % labels_path)
         all_labels = np.asarray(labels_mat["labels"]).ravel().astype(int) - 1
@@ -308,7 +308,7 @@ class FolderDataset(ClassDataset):
     """``root/<split>/<class>/<image>`` (or ``root/<class>/<image>`` with split='all')."""
 
     def __init__(self, root, split="train", skip_bad_images=False, limit=None):
-        _require_root(root, "folder")
+        require_root(root, "folder")
         folder = root if split == "all" else os.path.join(root, split)
         if not os.path.isdir(folder):
             raise UserError("%s: expected a folder of class folders for split %r "
@@ -328,7 +328,7 @@ class FashionMNISTClasses(ArrayImageDataset):
     """Fashion-MNIST demo: 10 classes, 28×28 grey images as 3 channels, int labels."""
 
     def __init__(self, split="train", data_dir=None, limit=None):
-        images, classes = fashion_mnist_split(split, data_dir, limit)
+        images, classes = fashion_mnist.split_arrays(split, data_dir, limit)
         super(FashionMNISTClasses, self).__init__(images, [int(c) for c in classes])
         self.num_classes = len(fashion_mnist.CLASSES)
         self.class_names = fashion_mnist.CLASSES

@@ -56,7 +56,9 @@ from mxnet.gluon.data.vision import transforms
 
 from training_runtime import fashion_mnist
 from training_runtime.errors import UserError
-from training_runtime.images import ImageListDataset, ArrayImageDataset
+from training_runtime.images import (ImageListDataset, ArrayImageDataset, check_split,
+                                     first_existing, load_mat, mat_strings, open_text,
+                                     require_root)
 
 WIDER_ATTRIBUTES = ("Male", "longHair", "sunglass", "Hat", "Tshirt", "longSleeve", "formal",
                     "shorts", "jeans", "longPants", "skirt", "faceMask", "logo", "stripe")
@@ -69,11 +71,6 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 # ----------------------------------------------------------------------------- labels
-
-def check_split(split, choices=SPLITS):
-    if split not in choices:
-        raise UserError("split: expected one of %s, got %r" % (", ".join(choices), split))
-
 
 def check_label_values(labels, source, allowed=(-1, 0, 1)):
     """UserError naming ``source`` and the first bad row when a value is not in ``allowed``."""
@@ -92,7 +89,7 @@ def parse_label_lines(path, width=None):
     {-1, 0, 1}; UserError naming the file and line otherwise.
     """
     rows = []
-    with _open_text(path) as f:
+    with open_text(path) as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -133,54 +130,6 @@ def training_targets(labels, mask_unspecified=False):
     return targets, mask
 
 
-# ----------------------------------------------------------------------------- helpers
-
-def _open_text(path):
-    if not os.path.isfile(path):
-        raise UserError("%s: file not found" % path)
-    return open(path, "r")
-
-
-def _first_existing(candidates, what):
-    for path in candidates:
-        if os.path.exists(path):
-            return path
-    raise UserError("%s: not found (looked for %s)" % (what, ", ".join(candidates)))
-
-
-def _require_root(root, name):
-    if root is None:
-        raise UserError("--data-dir: required for dataset %s" % name)
-    if not os.path.isdir(root):
-        raise UserError("%s: dataset directory not found" % root)
-    return root
-
-
-def _load_mat(path):
-    from scipy.io import loadmat
-    if not os.path.isfile(path):
-        raise UserError("%s: file not found" % path)
-    try:
-        return loadmat(path)
-    except Exception as err:  # scipy raises ValueError/TypeError/MatReadError on bad files
-        raise UserError("%s: expected a MATLAB .mat file (%s)" % (path, err))
-
-
-def mat_strings(cell):
-    """Strings of a MATLAB cell array (any nesting, as loadmat returns them), in order."""
-    if isinstance(cell, str):
-        return [cell]
-    if isinstance(cell, bytes):
-        return [cell.decode()]
-    array = np.asarray(cell)
-    if array.dtype.kind in "US":
-        return [str(v) for v in array.ravel()]
-    out = []
-    for item in array.ravel():
-        out.extend(mat_strings(item))
-    return out
-
-
 def _mat_field(struct, name, path):
     if struct.dtype.names is None or name not in struct.dtype.names:
         raise UserError("%s: expected a field %r in the struct, found %s"
@@ -219,7 +168,7 @@ def _find_wider_json(root, part):
 def _wider_json_items(root, split):
     """(paths, labels, boxes, attribute names, json path, dropped box count) of one split."""
     part = "test" if split == "test" else "trainval"
-    path = _first_existing(_find_wider_json(root, part), "WIDER-Attribute %s annotations" % part)
+    path = first_existing(_find_wider_json(root, part), "WIDER-Attribute %s annotations" % part)
     try:
         with open(path) as f:
             data = json.load(f)
@@ -274,8 +223,8 @@ def _wider_srn_items(root, split):
     part = "test" if split == "test" else "train"
     names = ["wider_att_%s_imglist.txt" % part, "wider_att_%s_label.txt" % part]
     list_path, label_path = (
-        _first_existing([os.path.join(root, "wider_att", n), os.path.join(root, n)], n) for n in names)
-    with _open_text(list_path) as f:
+        first_existing([os.path.join(root, "wider_att", n), os.path.join(root, n)], n) for n in names)
+    with open_text(list_path) as f:
         rel_paths = [_clean_list_path(line) for line in f if line.strip()]
     labels = parse_label_lines(label_path, width=len(WIDER_ATTRIBUTES))
     if len(labels) != len(rel_paths):
@@ -298,8 +247,8 @@ class WiderAttribute(AttributeDataset):
     """
 
     def __init__(self, root, split="train", source="auto", skip_bad_images=False, limit=None):
-        _require_root(root, "wider")
-        check_split(split)
+        require_root(root, "wider")
+        check_split(split, SPLITS)
         if source not in ("auto", "json", "srn"):
             raise UserError("source: expected auto, json or srn, got %r" % source)
         if source == "auto":
@@ -325,10 +274,10 @@ class PETA(AttributeDataset):
     """PETA, 35-attribute protocol, from ``root/PETA.mat`` + ``root/images/%05d.png``."""
 
     def __init__(self, root, split="train", partition=0, skip_bad_images=False, limit=None):
-        _require_root(root, "peta")
-        check_split(split)
+        require_root(root, "peta")
+        check_split(split, SPLITS)
         mat_path = os.path.join(root, "PETA.mat")
-        mat = _load_mat(mat_path)
+        mat = load_mat(mat_path)
         if "peta" not in mat:
             raise UserError("%s: expected a variable 'peta', found %s"
                             % (mat_path, ", ".join(k for k in mat if not k.startswith("__"))))
@@ -374,13 +323,13 @@ class PA100K(AttributeDataset):
     """PA-100K from ``annotation.mat`` (26 attributes, official train/val/test)."""
 
     def __init__(self, root, split="train", skip_bad_images=False, limit=None):
-        _require_root(root, "pa100k")
-        check_split(split)
-        mat_path = _first_existing([os.path.join(root, "annotation.mat"),
+        require_root(root, "pa100k")
+        check_split(split, SPLITS)
+        mat_path = first_existing([os.path.join(root, "annotation.mat"),
                                     os.path.join(root, "annotation", "annotation.mat")],
                                    "PA-100K annotation.mat")
-        mat = _load_mat(mat_path)
-        image_dir = _first_existing([os.path.join(root, "data"),
+        mat = load_mat(mat_path)
+        image_dir = first_existing([os.path.join(root, "data"),
                                      os.path.join(root, "release_data", "release_data")],
                                     "PA-100K image folder")
         parts = ("train", "val") if split == "trainval" else (split,)
@@ -408,34 +357,14 @@ class PA100K(AttributeDataset):
 
 # ----------------------------------------------------------------------------- Fashion-MNIST
 
-FASHION_MNIST_VAL = 10000  # the last 10,000 training images form 'val'
-
-
-def fashion_mnist_split(split, data_dir=None, limit=None):
-    """(N×28×28 uint8 images, (N,) class labels) of train (first 50,000) / val (last
-    10,000 of the training file) / trainval (all 60,000) / test (10,000)."""
-    check_split(split)
-    images, classes = fashion_mnist.load_split("test" if split == "test" else "train", data_dir)
-    cut = len(images) - FASHION_MNIST_VAL
-    if split == "train":
-        images, classes = images[:cut], classes[:cut]
-    elif split == "val":
-        images, classes = images[cut:], classes[cut:]
-    if limit is not None:
-        images, classes = images[:limit], classes[:limit]
-    if len(images) == 0:
-        raise UserError("split %r of Fashion-MNIST is empty (limit=%s)" % (split, limit))
-    return images, classes
-
-
 class FashionMNISTAttributes(ArrayImageDataset):
     """Fashion-MNIST demo: 28×28 grey images as 3 channels, derived attributes (1/-1).
 
-    split: train / val / trainval / test (see :func:`fashion_mnist_split`).
+    split: train / val / trainval / test (training_runtime.fashion_mnist.split_arrays).
     """
 
     def __init__(self, split="train", data_dir=None, limit=None):
-        images, classes = fashion_mnist_split(split, data_dir, limit)
+        images, classes = fashion_mnist.split_arrays(split, data_dir, limit)
         labels = fashion_mnist.attribute_labels(classes).astype(np.float32)
         super(FashionMNISTAttributes, self).__init__(images, labels)
         self.attribute_names = fashion_mnist.ATTRIBUTE_NAMES

@@ -97,3 +97,26 @@ def class_attributes():
 def attribute_labels(class_labels):
     """(N,) class indices -> (N, A) attribute labels in the WIDER convention (1 / -1)."""
     return class_attributes()[np.asarray(class_labels)] * 2 - 1
+
+
+SPLITS = ("train", "val", "trainval", "test")
+VAL_SIZE = 10000  # the last 10,000 training images form 'val'
+
+
+def split_arrays(split, data_dir=None, limit=None):
+    """(N×28×28 uint8 images, (N,) int32 class labels) of one split of the demo:
+    train = first 50,000 training images, val = last 10,000, trainval = all
+    60,000, test = the 10,000 test images; ``limit`` keeps the first N."""
+    if split not in SPLITS:
+        raise UserError("split: expected one of %s, got %r" % (", ".join(SPLITS), split))
+    images, classes = load_split("test" if split == "test" else "train", data_dir)
+    cut = len(images) - VAL_SIZE
+    if split == "train":
+        images, classes = images[:cut], classes[:cut]
+    elif split == "val":
+        images, classes = images[cut:], classes[cut:]
+    if limit is not None:
+        images, classes = images[:limit], classes[:limit]
+    if len(images) == 0:
+        raise UserError("split %r of Fashion-MNIST is empty (limit=%s)" % (split, limit))
+    return images, classes

@@ -237,3 +237,63 @@ class ArrayImageDataset(Dataset):
         if image.ndim == 2:
             image = np.repeat(image[:, :, None], 3, axis=2)
         return mx.nd.array(image, dtype=np.uint8), self.labels[idx]
+
+
+# ----------------------------------------------------------------------------- annotation files
+# Small helpers every dataset reader (imbalanced_attr.data, fgvc_gluon.data) uses
+# to open its annotation files with UserError messages naming the file.
+
+def check_split(split, choices):
+    """UserError unless ``split`` is one of ``choices``."""
+    if split not in choices:
+        raise UserError("split: expected one of %s, got %r" % (", ".join(choices), split))
+
+
+def require_root(root, name):
+    """The dataset directory ``root`` (UserError when missing or not given)."""
+    if root is None:
+        raise UserError("--data-dir: required for dataset %s" % name)
+    if not os.path.isdir(root):
+        raise UserError("%s: dataset directory not found" % root)
+    return root
+
+
+def open_text(path):
+    """Open an annotation text file, UserError when it does not exist."""
+    if not os.path.isfile(path):
+        raise UserError("%s: file not found" % path)
+    return open(path, "r")
+
+
+def first_existing(candidates, what):
+    """The first existing path of ``candidates``, else UserError listing them all."""
+    for path in candidates:
+        if os.path.exists(path):
+            return path
+    raise UserError("%s: not found (looked for %s)" % (what, ", ".join(candidates)))
+
+
+def load_mat(path):
+    """scipy.io.loadmat with UserError for a missing or unreadable file."""
+    from scipy.io import loadmat
+    if not os.path.isfile(path):
+        raise UserError("%s: file not found" % path)
+    try:
+        return loadmat(path)
+    except Exception as err:  # scipy raises ValueError/TypeError/MatReadError on bad files
+        raise UserError("%s: expected a MATLAB .mat file (%s)" % (path, err))
+
+
+def mat_strings(cell):
+    """Strings of a MATLAB cell/char array (any nesting, as loadmat returns them), in order."""
+    if isinstance(cell, str):
+        return [cell]
+    if isinstance(cell, bytes):
+        return [cell.decode()]
+    array = np.asarray(cell)
+    if array.dtype.kind in "US":
+        return [str(v) for v in array.ravel()]
+    out = []
+    for item in array.ravel():
+        out.extend(mat_strings(item))
+    return out
