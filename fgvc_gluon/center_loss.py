@@ -1,0 +1,213 @@
+"""Center loss (Wen et al., ECCV 2016) as ported by jxgu1016/MNIST_center_loss_pytorch.
+
+``L_c = Σ_i ||x_i − c_{y_i}||² / 2 / B`` (B = batch size, or 1 with
+``size_average=False``), returned with shape (1,) like upstream (CL-3).
+The gradients are upstream's custom backward, not autograd's:
+
+- features: ``g · (x_i − c_{y_i}) / B`` (g = incoming gradient);
+- centers: ``Σ_{i: y_i=j} (c_j − x_i) / (1 + n_j) / B`` with n_j the count of
+  class j in the batch (counts start at ONE: the paper's Eq. 4 update, CL-1),
+  0 for classes absent from the batch, and the incoming gradient IGNORED
+  (CL-2): ``λ · loss`` scales the feature gradient only.
+
+Upstream's argument order is ``forward(label, feat)``; ours is
+``(features, labels)`` (CL-4: features are flattened to B × D; float labels are
+truncated to integers, as ``.long()`` does, by ``take`` / ``one_hot``).
+
+Method (upstream demo): a network producing (features, logits), softmax cross
+entropy + λ·center loss (λ = ``loss_weight`` = 1), the centers on their own
+plain SGD at lr 0.5 (no momentum, no weight decay, fixed lr); the network on
+SGD lr 0.001, momentum 0.9, wd 5e-4, lr ×0.8 every 20 epochs, 100 epochs,
+batch 128, MNIST normalisation (0.1307, 0.3081), no augmentation. The demo
+network (``backbone='lenet_pp'``, LeNet++ of the paper) has three stages of
+two 5×5 convs (32, 64, 128 channels) with PReLU and a 2×2 max-pool, then
+Dense(feat_dim=2) + PReLU as the features and a bias-free Dense(classes)
+(upstream's Oct. 2018 update) as the classifier. Model-zoo backbones
+(:data:`fgvc_gluon.baseline.BACKBONES`) use their ``features`` followed by the
+same embedding and classifier; their feat_dim defaults to 512 (2 is the demo's
+choice for plotting).
+
+``defaults`` keys are those of :mod:`fgvc_gluon.method`, as in the mcloss and
+baseline methods.
+
+Gradient bookkeeping in the method: the centers' gradient ignores the incoming
+gradient and is already divided by B, while the runtime calls
+``trainer.step(batch_size)`` (which divides by B again). The method therefore
+uses ``size_average=False`` (no division inside) and spreads ``λ·L_c/B`` over
+the per-sample losses, so after ``step(B)`` both gradients equal upstream's
+``size_average=True`` ones. On several devices each slice counts n_j over its
+own samples (upstream counts over the whole batch).
+"""
+from collections import OrderedDict
+
+import mxnet as mx
+import numpy as np
+from mxnet import autograd, gluon, nd
+from mxnet.gluon import nn
+
+from training_runtime.errors import UserError
+
+from .baseline import BACKBONES as ZOO_BACKBONES
+from .baseline import IMAGENET_MEAN, IMAGENET_STD, NEW_LAYER_INIT, model_zoo_network
+from .method import FGVCMethod, ParamGroup
+
+DEMO_BACKBONE = "lenet_pp"
+BACKBONES = (DEMO_BACKBONE,) + ZOO_BACKBONES
+DEMO_FEAT_DIM = 2
+ZOO_FEAT_DIM = 512
+MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
+
+
+class _CenterLossFunction(autograd.Function):
+    """Forward: Σ||x − c_y||²/2/denominator; backward: upstream's custom gradients.
+
+    Arguments ordered (features, centers, labels): labels last, because MXNet
+    1.9.1 drops the gradients of inputs that follow a non-differentiable one.
+    """
+
+    def __init__(self, denominator):
+        super(_CenterLossFunction, self).__init__()
+        self._denominator = float(denominator)
+
+    def forward(self, features, centers, labels):
+        diff = features - nd.take(centers, labels)  # B × D
+        self.save_for_backward(diff, labels, nd.zeros_like(centers))
+        return nd.sum(nd.square(diff)).reshape((1,)) / (2.0 * self._denominator)
+
+    def backward(self, grad_loss):
+        diff, labels, zeros_like_centers = self.saved_tensors
+        grad_features = nd.broadcast_mul(diff, grad_loss.reshape((1, 1))) / self._denominator
+        one_hot = nd.one_hot(labels, zeros_like_centers.shape[0])  # B × K
+        counts = 1.0 + nd.sum(one_hot, axis=0)  # 1 + n_j
+        # Σ_{i: y_i=j} (c_j − x_i) = −(one_hotᵀ · diff); grad_loss deliberately unused (CL-2)
+        grad_centers = nd.broadcast_div(-nd.dot(one_hot, diff, transpose_a=True),
+                                        counts.reshape((-1, 1))) / self._denominator
+        return grad_features, grad_centers, nd.zeros_like(labels)
+
+
+class CenterLoss(gluon.Block):
+    """``loss(features B×D (or B×...), labels (B,))`` → shape (1,), with upstream's gradients.
+
+    The centers are ``self.centers`` (K × D, N(0, 1) init like torch.randn),
+    a Parameter named ``<prefix>centers`` so they can go on their own Trainer.
+    """
+
+    def __init__(self, num_classes, feat_dim, size_average=True, **kwargs):
+        super(CenterLoss, self).__init__(**kwargs)
+        self.num_classes, self.feat_dim = int(num_classes), int(feat_dim)
+        self.size_average = bool(size_average)
+        with self.name_scope():
+            self.centers = self.params.get("centers", shape=(self.num_classes, self.feat_dim),
+                                           init=mx.init.Normal(1.0))
+
+    def forward(self, features, labels):
+        batch = features.shape[0]
+        features = features.reshape((batch, -1))
+        if features.shape[1] != self.feat_dim:
+            raise UserError("CenterLoss features: expected %d values per sample (feat_dim), got %d"
+                            % (self.feat_dim, features.shape[1]))
+        if labels.shape != (batch,):
+            raise UserError("CenterLoss labels: expected shape (%d,), got %s" % (batch, labels.shape))
+        function = _CenterLossFunction(batch if self.size_average else 1)
+        return function(features, self.centers.data(features.context), labels)
+
+
+class CenterLossNetwork(gluon.HybridBlock):
+    """backbone → Dense(feat_dim) + PReLU (features) → bias-free Dense(classes) (logits).
+
+    ``net(x)`` → (features N × feat_dim, logits N × classes).
+    """
+
+    def __init__(self, backbone, num_classes, feat_dim, **kwargs):
+        super(CenterLossNetwork, self).__init__(**kwargs)
+        with self.name_scope():
+            self.backbone = backbone
+            self.embedding = nn.HybridSequential(prefix="embedding_")
+            with self.embedding.name_scope():
+                self.embedding.add(nn.Flatten(), nn.Dense(feat_dim), nn.PReLU())
+            self.output = nn.Dense(num_classes, use_bias=False, prefix="output_")
+
+    def hybrid_forward(self, F, x):
+        features = self.embedding(self.backbone(x))
+        return features, self.output(features)
+
+
+def lenet_plus_plus():
+    """The upstream demo's conv stack: 3 × (two 5×5 convs + PReLU, 2×2 max-pool)."""
+    body = nn.HybridSequential(prefix="lenet_pp_")
+    with body.name_scope():
+        for channels in (32, 64, 128):
+            body.add(nn.Conv2D(channels, 5, padding=2), nn.PReLU(),
+                     nn.Conv2D(channels, 5, padding=2), nn.PReLU(),
+                     nn.MaxPool2D(pool_size=2, strides=2))
+    return body
+
+
+class CenterLossMethod(FGVCMethod):
+    """Softmax CE + λ·center loss; the centers on their own fixed-lr SGD Trainer."""
+
+    name = "center_loss"
+
+    def __init__(self, net, center_loss, loss_weight, center_lr, image_size, normalisation):
+        self.net = net
+        self.center_loss = center_loss
+        self.loss_weight = float(loss_weight)
+        self.center_lr = float(center_lr)
+        self._ce = gluon.loss.SoftmaxCrossEntropyLoss()
+        mean, std = normalisation
+        self.defaults = dict(
+            lr=0.001, momentum=0.9, wd=5e-4, batch_size=128, epochs=100,
+            lr_steps=[20, 40, 60, 80], lr_factor=0.8,
+            image_size=image_size, resize=None, train_crop="resize", crop_scale=None,
+            pad=0, flip=False, mean=mean, std=std)
+
+    def param_groups(self):
+        return [ParamGroup("net", self.net.collect_params()),
+                ParamGroup("centers", self.center_loss.collect_params(), lr_mult=1.0,
+                           optimizer_params={"learning_rate": self.center_lr, "momentum": 0.0, "wd": 0.0},
+                           follows_schedule=False)]
+
+    def training_loss(self, data, label, epoch):
+        """Per-sample CE_i + λ·L_c/B, (N,): after ``step(B)`` the gradients are upstream's."""
+        features, logits = self.net(data)
+        center_sum = self.center_loss(features, label)  # size_average=False: Σ||x − c||²/2
+        return self._ce(logits, label) + (self.loss_weight / data.shape[0]) * center_sum
+
+    def predict(self, data, epoch):
+        return OrderedDict([("classifier", self.net(data)[1])])
+
+
+def build_method(num_classes, backbone=DEMO_BACKBONE, feat_dim=None, loss_weight=1.0, center_lr=0.5,
+                 image_size=None, pretrained=False):
+    """Center-loss method; feat_dim defaults to 2 for 'lenet_pp' (demo) and 512 for model-zoo backbones.
+
+    image_size defaults to 28 (MNIST) for the demo network and 448 otherwise.
+    """
+    if int(num_classes) < 2:
+        raise UserError("center_loss: expected at least 2 classes, got %d" % num_classes)
+    if backbone == DEMO_BACKBONE:
+        if pretrained:
+            raise UserError("--pretrained: the center-loss demo network (lenet_pp) has no pretrained weights")
+        body = lenet_plus_plus()
+        body.initialize(NEW_LAYER_INIT)
+        default_feat_dim, default_size = DEMO_FEAT_DIM, 28
+        normalisation = ((MNIST_MEAN,) * 3, (MNIST_STD,) * 3)
+    elif backbone in ZOO_BACKBONES:
+        body = model_zoo_network(backbone, pretrained).features
+        if not pretrained:
+            body.initialize(NEW_LAYER_INIT)
+        default_feat_dim, default_size = ZOO_FEAT_DIM, 448
+        normalisation = (IMAGENET_MEAN, IMAGENET_STD)
+    else:
+        raise UserError("--backbone: expected one of %s for center_loss, got %r"
+                        % (", ".join(BACKBONES), backbone))
+    feat_dim = default_feat_dim if feat_dim is None else int(feat_dim)
+    if feat_dim < 1:
+        raise UserError("--feat-dim: expected a positive feature dimension, got %d" % feat_dim)
+    net = CenterLossNetwork(body, int(num_classes), feat_dim)
+    net.embedding.initialize(NEW_LAYER_INIT)
+    net.output.initialize(NEW_LAYER_INIT)
+    center_loss = CenterLoss(num_classes, feat_dim, size_average=False)
+    center_loss.initialize()
+    return CenterLossMethod(net, center_loss, loss_weight, center_lr,
+                            int(image_size or default_size), normalisation)
