@@ -56,15 +56,23 @@ def model_zoo_network(backbone, pretrained=False):
                         % (backbone, type(err).__name__, str(err).splitlines()[0] if str(err) else ""))
 
 
-def classifier_network(num_classes, backbone="resnet50_v1", pretrained=False):
-    """Model-zoo ``backbone`` with a new ``output`` Dense(num_classes); every parameter initialised on cpu."""
+def initialize_new_layers(net, new_layers, pretrained, ctx=None):
+    """Initialise ``new_layers`` (all of ``net`` unless ``pretrained``) and put ``net`` on ``ctx``."""
+    ctx = ctx or mx.cpu()
+    if pretrained:
+        net.collect_params().reset_ctx(ctx)
+        for layer in new_layers:
+            layer.initialize(NEW_LAYER_INIT, ctx=ctx)
+    else:
+        net.initialize(NEW_LAYER_INIT, ctx=ctx)
+
+
+def classifier_network(num_classes, backbone="resnet50_v1", pretrained=False, ctx=None):
+    """Model-zoo ``backbone`` with a new ``output`` Dense(num_classes), initialised on ``ctx``."""
     net = model_zoo_network(backbone, pretrained)
     with net.name_scope():
         net.output = nn.Dense(num_classes, prefix="new_output_")
-    if pretrained:
-        net.output.initialize(NEW_LAYER_INIT)
-    else:
-        net.initialize(NEW_LAYER_INIT)
+    initialize_new_layers(net, [net.output], pretrained, ctx)
     return net
 
 
@@ -97,8 +105,8 @@ class BaselineMethod(FGVCMethod):
         return OrderedDict([("classifier", self.net(data))])
 
 
-def build_method(num_classes, backbone="resnet50_v1", image_size=448, pretrained=False):
-    """Baseline method: ``backbone`` from BACKBONES with a new num_classes output."""
+def build_method(num_classes, backbone="resnet50_v1", image_size=448, pretrained=False, ctx=None):
+    """Baseline method: ``backbone`` from BACKBONES with a new num_classes output, initialised on ``ctx``."""
     if int(num_classes) < 2:
         raise UserError("baseline: expected at least 2 classes, got %d" % num_classes)
-    return BaselineMethod(classifier_network(int(num_classes), backbone, pretrained), int(image_size))
+    return BaselineMethod(classifier_network(int(num_classes), backbone, pretrained, ctx), int(image_size))

@@ -41,14 +41,13 @@ own samples (upstream counts over the whole batch).
 from collections import OrderedDict
 
 import mxnet as mx
-import numpy as np
 from mxnet import autograd, gluon, nd
 from mxnet.gluon import nn
 
 from training_runtime.errors import UserError
 
 from .baseline import BACKBONES as ZOO_BACKBONES
-from .baseline import IMAGENET_MEAN, IMAGENET_STD, NEW_LAYER_INIT, model_zoo_network
+from .baseline import IMAGENET_MEAN, IMAGENET_STD, initialize_new_layers, model_zoo_network
 from .method import FGVCMethod, ParamGroup
 
 DEMO_BACKBONE = "lenet_pp"
@@ -178,10 +177,11 @@ class CenterLossMethod(FGVCMethod):
 
 
 def build_method(num_classes, backbone=DEMO_BACKBONE, feat_dim=None, loss_weight=1.0, center_lr=0.5,
-                 image_size=None, pretrained=False):
+                 image_size=None, pretrained=False, ctx=None):
     """Center-loss method; feat_dim defaults to 2 for 'lenet_pp' (demo) and 512 for model-zoo backbones.
 
     image_size defaults to 28 (MNIST) for the demo network and 448 otherwise.
+    Everything is initialised on ``ctx`` (default cpu).
     """
     if int(num_classes) < 2:
         raise UserError("center_loss: expected at least 2 classes, got %d" % num_classes)
@@ -189,13 +189,10 @@ def build_method(num_classes, backbone=DEMO_BACKBONE, feat_dim=None, loss_weight
         if pretrained:
             raise UserError("--pretrained: the center-loss demo network (lenet_pp) has no pretrained weights")
         body = lenet_plus_plus()
-        body.initialize(NEW_LAYER_INIT)
         default_feat_dim, default_size = DEMO_FEAT_DIM, 28
         normalisation = ((MNIST_MEAN,) * 3, (MNIST_STD,) * 3)
     elif backbone in ZOO_BACKBONES:
         body = model_zoo_network(backbone, pretrained).features
-        if not pretrained:
-            body.initialize(NEW_LAYER_INIT)
         default_feat_dim, default_size = ZOO_FEAT_DIM, 448
         normalisation = (IMAGENET_MEAN, IMAGENET_STD)
     else:
@@ -205,9 +202,8 @@ def build_method(num_classes, backbone=DEMO_BACKBONE, feat_dim=None, loss_weight
     if feat_dim < 1:
         raise UserError("--feat-dim: expected a positive feature dimension, got %d" % feat_dim)
     net = CenterLossNetwork(body, int(num_classes), feat_dim)
-    net.embedding.initialize(NEW_LAYER_INIT)
-    net.output.initialize(NEW_LAYER_INIT)
+    initialize_new_layers(net, [net.embedding, net.output], pretrained, ctx)
     center_loss = CenterLoss(num_classes, feat_dim, size_average=False)
-    center_loss.initialize()
+    center_loss.initialize(ctx=ctx or mx.cpu())
     return CenterLossMethod(net, center_loss, loss_weight, center_lr,
                             int(image_size or default_size), normalisation)

@@ -18,10 +18,11 @@ Mask (MC-1, MC-2): upstream's ``Mask()`` keeps 2 of 3 channels per class for
 exactly 200 classes, drawing with Python's global ``random``, one mask shared
 by the whole batch and redrawn every call. :class:`MCLoss` generalises the
 rule: per class ``keep`` of ξ channels (default ``ceil(ξ/2)``, i.e. 2 of 3 as
-upstream), one mask for the batch, redrawn each call, drawn from its own
-``numpy.random.RandomState`` (seeded from ``seed`` or, when ``seed`` is None,
-from numpy's global generator, so ``np.random.seed(--seed)`` makes training
-reproducible). :func:`upstream_mask` replays upstream's Python-``random``
+upstream), one mask for the batch, redrawn each call, drawn with numpy: by default from numpy's
+global generator, which train_fgvc.py reseeds from (--seed, epoch, step)
+before every step (training_runtime.loop.reseed), so the masks are
+reproducible and an exact resume replays them; ``seed=`` gives the block its
+own ``numpy.random.RandomState`` instead. :func:`upstream_mask` replays upstream's Python-``random``
 procedure exactly (golden case mcloss_public_04).
 
 Differences from upstream that never change the numbers of the upstream
@@ -194,9 +195,8 @@ class MCLoss(gluon.Block):
         self.keep = default_keep(self.xi) if keep is None else int(keep)
         if not 1 <= self.keep <= self.xi:
             raise UserError("MCLoss keep: expected 1 <= keep <= xi=%d, got %d" % (self.xi, self.keep))
-        if seed is None:  # follow numpy's global seed (train_fgvc.py --seed)
-            seed = np.random.randint(2 ** 31 - 1)
-        self._rng = np.random.RandomState(seed)
+        # numpy's global generator follows the runtime's per-step reseeding (exact resume)
+        self._rng = np.random if seed is None else np.random.RandomState(seed)
         self.loss_dis = self.loss_div = self.last_mask = None
         with self.name_scope():
             self.mc_terms = _MCTerms(self.xi)
@@ -340,8 +340,8 @@ class MCLossMethod(FGVCMethod):
 
 
 def build_method(num_classes, backbone="vgg16_bn_mc", xi=3, alpha=1.5, beta=20.0, image_size=224,
-                 pretrained=False, width=1.0, keep=None, seed=None):
-    """MC-Loss method: ``backbone`` in BACKBONES, c·ξ = num_classes·xi MC channels."""
+                 pretrained=False, width=1.0, keep=None, seed=None, ctx=None):
+    """MC-Loss method: ``backbone`` in BACKBONES, c·ξ = num_classes·xi MC channels, initialised on ``ctx``."""
     if backbone not in _NETWORKS:
         raise UserError("--backbone: expected one of %s for mcloss, got %r" % (", ".join(BACKBONES), backbone))
     if pretrained:
@@ -353,6 +353,6 @@ def build_method(num_classes, backbone="vgg16_bn_mc", xi=3, alpha=1.5, beta=20.0
         raise UserError("mcloss: expected num_classes >= 2 and xi >= 1, got %d and %d" % (num_classes, xi))
     if not width > 0:
         raise UserError("--width: expected a positive width multiplier, got %r" % (width,))
-    net = _NETWORKS[backbone](int(num_classes), int(xi), width)
+    net = _NETWORKS[backbone](int(num_classes), int(xi), width, ctx=ctx)
     block = MCLoss(num_classes, xi, alpha=alpha, beta=beta, keep=keep, seed=seed)
     return MCLossMethod(net, block, int(image_size))

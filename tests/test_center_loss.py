@@ -144,6 +144,27 @@ def test_method_contract_and_gradient_bookkeeping():
     assert list(out) == ["classifier"] and out["classifier"].shape == (6, 4)
 
 
+def test_two_devices_each_slice_gets_its_own_centre_gradient():
+    seed_everything()
+    devices = [mx.cpu(0), mx.cpu(1)]
+    method = build_method(4, ctx=devices)
+    x, y = nd.random.normal(shape=(6, 3, 28, 28)), nd.array([0, 1, 1, 3, 3, 2])
+    slices = [(x[:3].as_in_context(devices[0]), y[:3].as_in_context(devices[0])),
+              (x[3:].as_in_context(devices[1]), y[3:].as_in_context(devices[1]))]
+    with autograd.record():
+        losses = [method.training_loss(data, label, 0) for data, label in slices]
+    autograd.backward(losses)
+    centers = method.center_loss.centers.data().asnumpy()
+    for (data, label), grad in zip(slices, method.center_loss.centers.list_grad()):
+        assert grad.context == data.context
+        feats, labels = method.net(data)[0].asnumpy(), label.asnumpy()
+        expected = np.zeros_like(centers)
+        for j in range(4):  # counts n_j over the device's own slice (documented deviation)
+            members = labels == j
+            expected[j] = (centers[j] - feats[members]).sum(axis=0) / (1 + members.sum())
+        np.testing.assert_allclose(grad.asnumpy(), expected, rtol=1e-4, atol=1e-6)
+
+
 def test_model_zoo_backbone_and_errors():
     seed_everything()
     method = build_method(3, backbone="resnet18_v1", image_size=32)

@@ -250,6 +250,20 @@ def test_method_contract():
     assert list(out) == ["classifier"] and out["classifier"].shape == (3, 4)
 
 
+def test_method_on_two_devices():
+    seed_everything()
+    devices = [mx.cpu(0), mx.cpu(1)]
+    method = build_method(3, backbone="vgg16_bn_mc", width=0.125, image_size=32, ctx=devices)
+    x, y = nd.random.normal(shape=(4, 3, 32, 32)), nd.array([0, 1, 2, 1])
+    with autograd.record():
+        losses = [method.training_loss(x[i:i + 2].as_in_context(dev), y[i:i + 2].as_in_context(dev), 0)
+                  for i, dev in zip((0, 2), devices)]
+    autograd.backward(losses)
+    assert [loss.context for loss in losses] == devices
+    weight = method.net.features[0].weight
+    assert all(np.abs(g.asnumpy()).sum() > 0 for g in weight.list_grad())
+
+
 def test_short_training_on_fashion_mnist_lowers_the_loss(fashion_mnist_dir):
     seed_everything()
     data, labels = fashion_mnist_tensors(fashion_mnist_dir)
