@@ -171,7 +171,15 @@ def get_backbone(name, num_classes, pretrained=False, ctx=None):
     if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
         raise UserError("num_classes: expected a positive integer, got %r" % (num_classes,))
     contexts = _as_context_list(ctx)
-    zoo = vision.get_model(name, pretrained=pretrained, ctx=contexts)
+    try:
+        zoo = vision.get_model(name, pretrained=pretrained, ctx=contexts)
+    except Exception as err:  # download / checksum / file errors of the model store
+        if not pretrained:
+            raise
+        raise UserError("pretrained: could not get the model zoo's ImageNet weights for %s (%s: %s); "
+                        "expected them cached in $MXNET_HOME/models (default ~/.mxnet/models) or "
+                        "downloadable, or run without pretrained weights"
+                        % (name, type(err).__name__, str(err).splitlines()[0] if str(err) else ""))
     if name in RESNET_TAP2_UNITS:
         family, parts = "resnet", _resnet_parts(zoo, RESNET_TAP2_UNITS[name])
     else:

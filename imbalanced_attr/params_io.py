@@ -87,8 +87,10 @@ def original_layout(net):
 
 def _host_copy(param):
     """The parameter's value on the cpu, averaged over its devices (as save_params does)."""
-    copies = [d.copyto(mx.cpu()) for d in param.list_data()]
-    return copies[0] if len(copies) == 1 else mx.nd.add_n(*copies) / len(copies)
+    data = param.list_data()
+    if len(data) == 1:
+        return data[0] if data[0].context.device_type == "cpu" else data[0].copyto(mx.cpu())
+    return mx.nd.add_n(*[d.copyto(mx.cpu()) for d in data]) / len(data)
 
 
 def save_original_params(net, directory):

@@ -205,6 +205,18 @@ def test_bad_arguments_raise_user_errors():
         AttributeModel(3, backbone="resnet18_v1", input_size="64")
 
 
+def test_unavailable_pretrained_weights_raise_a_user_error(monkeypatch):
+    from mxnet.gluon.model_zoo import model_store
+
+    def offline(name, root=None):
+        raise OSError("Failed to resolve 'apache-mxnet.s3-accelerate.dualstack.amazonaws.com'")
+
+    monkeypatch.setattr(model_store, "get_model_file", offline)
+    with pytest.raises(UserError, match=r"pretrained: could not get the model zoo's ImageNet weights "
+                                        r"for resnet18_v1 \(OSError: Failed to resolve"):
+        get_backbone("resnet18_v1", 3, pretrained=True)
+
+
 def test_training_steps_lower_the_loss_on_fashion_mnist(fashion_mnist_dir):
     """One SGD Trainer per block as in the original; plain sigmoid BCE on all branches."""
     mx.random.seed(5)
