@@ -52,7 +52,7 @@ GATE_THRESHOLD = -0.2     # sum of p log p over the top-5 classes (S3N-13)
 GATE_TOP = 5
 MODES = (0, 1, 2)
 
-__all__ = ["make_gaussian", "gaussian_kernel", "find_peaks", "create_grid", "generate_map",
+__all__ = ["make_gaussian", "gaussian_kernel", "mean_threshold", "find_peaks", "create_grid", "generate_map",
            "multi_smooth_loss", "S3N", "S3NMethod", "build_method"]
 
 
@@ -128,9 +128,14 @@ def _peak_mask(F, maps, win_size, height, width):
     return peak
 
 
+def mean_threshold(maps, F=nd):
+    """Upstream ``_mean_filter``: the spatial mean of each map, N×C×H×W → N×C×1×1."""
+    return F.mean(maps, axis=(2, 3), keepdims=True)
+
+
 def _above_mean(F, maps):
-    """Upstream ``_mean_filter`` test: value ≥ the map's spatial mean, N×C×H×W 0/1."""
-    return F.broadcast_greater_equal(maps, F.mean(maps, axis=(2, 3), keepdims=True))
+    """The mean filter's test: value ≥ the map's spatial mean, N×C×H×W 0/1."""
+    return F.broadcast_greater_equal(maps, mean_threshold(maps, F))
 
 
 def find_peaks(maps, win_size=3, mean_filter=True):
@@ -173,6 +178,46 @@ def _default_filter(ctx, dtype):
     return nd.array(weights, ctx=ctx, dtype=dtype)
 
 
+def _filtered_moments(F, saliency_padded, filter_weight):
+    """Upstream's ``self.filter`` applied to x, P_x·x and P_y·x: N×3×31×31 (S3N-7).
+
+    x: N×1×91×91 padded saliency; P_x, P_y: the column and row coordinates
+    (j − 30)/30, (i − 30)/30; filter: 1×1×61×61 (Conv2d, no bias, no
+    padding). MXNet's CPU convolution is very slow for a 61×61 kernel, so the
+    three filterings are ONE matrix product: with
+    rows[n, oy, (ky, ix)] = x[n, oy + ky, ix] and the Toeplitz matrix
+    T[(ky, ix), ox] = w[ky, ix − ox] (0 outside the kernel),
+    filter(x) = rows·T, filter(P_x·x) = rows·(T ⊙ P_x[ix]) and, as
+    P_y[oy + ky] = oy/30 + (ky − 30)/30,
+    filter(P_y·x) = rows·(T ⊙ (ky − 30)/30) + oy/30 · filter(x).
+    Gradients reach both the saliency and the filter.
+    """
+    scale = GRID_SIZE - 1.0
+    index = F.contrib.arange_like(saliency_padded, axis=2)                             # 0..90
+    out_index = F.slice_axis(index, axis=0, begin=0, end=GRID_SIZE)                    # 0..30
+    kernel_index = F.slice_axis(index, axis=0, begin=0, end=FILTER_SIZE)               # 0..60
+    row_index = F.broadcast_add(F.reshape(out_index, (-1, 1)), F.reshape(kernel_index, (1, -1)))
+    rows = F.reshape(F.take(saliency_padded, row_index, axis=2),         # N×1×31×61×91
+                     (-1, FILTER_SIZE * GLOBAL_SIZE))                      # (N·31)×(61·91)
+    kx = F.broadcast_sub(F.reshape(index, (-1, 1)), F.reshape(out_index, (1, -1)))      # 91×31
+    inside = (kx >= 0) * (kx < FILTER_SIZE)
+    flat_index = F.broadcast_add(F.reshape(kernel_index * FILTER_SIZE, (-1, 1, 1)),
+                                 F.expand_dims(F.clip(kx, 0, FILTER_SIZE - 1), axis=0))  # 61×91×31
+    toeplitz = F.broadcast_mul(F.take(F.reshape(filter_weight, (-1,)), flat_index),
+                               F.expand_dims(inside, axis=0))
+    column_coord = F.reshape((index - PADDING) / scale, (1, -1, 1))                    # P_x[ix]
+    row_offset = F.reshape((kernel_index - PADDING) / scale, (-1, 1, 1))              # (ky − 30)/30
+    toeplitz = F.concat(toeplitz, F.broadcast_mul(toeplitz, column_coord),
+                        F.broadcast_mul(toeplitz, row_offset), dim=2)                   # 61×91×93
+    moments = F.dot(rows, F.reshape(toeplitz, (FILTER_SIZE * GLOBAL_SIZE, 3 * GRID_SIZE)))
+    moments = F.transpose(F.reshape(moments, (-1, GRID_SIZE, 3, GRID_SIZE)), axes=(0, 2, 1, 3))
+    weight_sum = F.slice_axis(moments, axis=1, begin=0, end=1)
+    sum_x = F.slice_axis(moments, axis=1, begin=1, end=2)
+    row_coord = F.reshape(out_index / scale, (1, 1, -1, 1))
+    sum_y = F.slice_axis(moments, axis=1, begin=2, end=3) + F.broadcast_mul(weight_sum, row_coord)
+    return weight_sum, sum_x, sum_y
+
+
 def _saliency_grid(F, saliency_padded, filter_weight, like=None, out_size=None):
     """Sampling grid of ``create_grid`` in BilinearSampler layout N×2×S×S, (x, y) channels.
 
@@ -180,16 +225,8 @@ def _saliency_grid(F, saliency_padded, filter_weight, like=None, out_size=None):
     filter_weight: 1×1×61×61; the grid is resized to ``out_size`` (int or
     (h, w)) or to the spatial size of ``like`` (bilinear, align_corners).
     """
-    coords = (F.contrib.arange_like(saliency_padded, axis=3) - PADDING) / (GRID_SIZE - 1.0)
-    basis_x = F.reshape(coords, (1, 1, 1, GLOBAL_SIZE))     # column coordinate (S3N-7)
-    basis_y = F.reshape(coords, (1, 1, GLOBAL_SIZE, 1))     # row coordinate
-    stacked = F.concat(saliency_padded, F.broadcast_mul(saliency_padded, basis_x),
-                       F.broadcast_mul(saliency_padded, basis_y), dim=1)
-    filtered = F.Convolution(F.reshape(stacked, (-1, 1, GLOBAL_SIZE, GLOBAL_SIZE)), filter_weight,
-                             kernel=(FILTER_SIZE, FILTER_SIZE), num_filter=1, no_bias=True)
-    filtered = F.reshape(filtered, (-1, 3, GRID_SIZE, GRID_SIZE))
-    weight_sum = F.slice_axis(filtered, axis=1, begin=0, end=1)
-    mean_xy = F.broadcast_div(F.slice_axis(filtered, axis=1, begin=1, end=3), weight_sum)
+    weight_sum, sum_x, sum_y = _filtered_moments(F, saliency_padded, filter_weight)
+    mean_xy = F.broadcast_div(F.concat(sum_x, sum_y, dim=1), weight_sum)   # saliency-weighted mean
     grid = F.clip(mean_xy * 2 - 1, -1, 1)
     if out_size is not None:
         height, width = (out_size, out_size) if isinstance(out_size, numbers.Integral) else out_size
@@ -211,12 +248,13 @@ def create_grid(saliency_padded, input_size, filter_weight=None):
                         % (GLOBAL_SIZE, GLOBAL_SIZE, saliency_padded.shape))
     if filter_weight is None:
         filter_weight = _default_filter(saliency_padded.context, saliency_padded.dtype)
-    grid = _saliency_grid(nd, saliency_padded, _as_data(filter_weight, saliency_padded.context),
+    grid = _saliency_grid(nd, saliency_padded,
+                          _as_data(filter_weight, saliency_padded.context, saliency_padded.dtype),
                           out_size=int(input_size) if np.isscalar(input_size) else tuple(input_size))
     return nd.transpose(grid, axes=(0, 2, 3, 1))
 
 
-def _decide_maps(F, class_response_maps, num_classes):
+def _decide_maps(F, class_response_maps, num_classes, dtype):
     """Gate (S3N-13) and min-max normalisation of the class response maps.
 
     class_response_maps: N×K×31×31 (no gradient). Returns ``(scores, valid)``:
@@ -227,10 +265,10 @@ def _decide_maps(F, class_response_maps, num_classes):
     top = min(GATE_TOP, num_classes)
     flat = F.reshape(class_response_maps, (0, 0, -1))                      # N×K×961
     probs = F.softmax(F.mean(flat, axis=2), axis=1)                         # N×K
-    top_probs, top_classes = F.topk(probs, axis=1, k=top, ret_typ="both")   # N×top
+    top_probs, top_classes = F.topk(probs, axis=1, k=top, ret_typ="both", dtype=dtype)  # N×top
     gate = F.sum(top_probs * F.log(top_probs), axis=1)                      # N
     # one-hot selection of the top maps (exact: x·1 + 0s) instead of a per-sample gather
-    top_maps = F.batch_dot(F.one_hot(top_classes, depth=num_classes), flat)  # N×top×961
+    top_maps = F.batch_dot(F.one_hot(top_classes, depth=num_classes, dtype=dtype), flat)  # N×top×961
     first_map = F.reshape(F.slice_axis(top_maps, axis=1, begin=0, end=1), (0, -1))
     decide = F.where(gate > GATE_THRESHOLD, first_map, F.mean(top_maps, axis=1))
     low = F.min(decide, axis=1, keepdims=True)
@@ -271,7 +309,7 @@ def _sparse_attention(F, scores, selected, weights_fn, theta_arg, scale, base_ra
     return F.batch_dot(weighted_row, gauss_col, transpose_a=True) + base_ratio        # N×31×31
 
 
-def _mode_selection(F, scores, peaks, mode):
+def _mode_selection(F, scores, peaks, mode, dtype):
     """Which peaks enter Q_d and Q_c for the mode array ``mode`` (1,) ∈ {0, 1, 2} (S3N-4).
 
     0: every peak into both; 1: a peak goes to Q_d if s > U(0, 1), else to
@@ -283,8 +321,10 @@ def _mode_selection(F, scores, peaks, mode):
     to_zoom_random = peaks * (scores > F.random.uniform_like(scores))
     below = F.ones_like(scores) * -1.0      # scores are in [0, 1]: −1 / 2 never win
     above = F.ones_like(scores) * 2.0
-    highest = F.one_hot(F.argmax(F.where(peaks > 0, scores, below), axis=1), depth=GRID_SIZE ** 2)
-    lowest = F.one_hot(F.argmin(F.where(peaks > 0, scores, above), axis=1), depth=GRID_SIZE ** 2)
+    highest = F.one_hot(F.argmax(F.where(peaks > 0, scores, below), axis=1), depth=GRID_SIZE ** 2,
+                        dtype=dtype)
+    lowest = F.one_hot(F.argmin(F.where(peaks > 0, scores, above), axis=1), depth=GRID_SIZE ** 2,
+                       dtype=dtype)
     to_zoom = (F.broadcast_mul(peaks, is_mode[0]) + F.broadcast_mul(to_zoom_random, is_mode[1])
                + F.broadcast_mul(highest * peaks, is_mode[2]))
     to_complement = (F.broadcast_mul(peaks, is_mode[0])
@@ -294,27 +334,29 @@ def _mode_selection(F, scores, peaks, mode):
 
 
 def _generate(F, images, class_response_maps, mode, radius, radius_inv, filter_weight,
-              num_classes, base_ratio, out_size=None):
+              num_classes, base_ratio, out_size=None, dtype="float32"):
     """Core of :func:`generate_map`, written for both nd and sym (HybridBlock) use.
 
     images N×3×H×W, class_response_maps N×K×31×31, mode (1,), radius and
     radius_inv (1,), filter_weight 1×1×61×61. Returns a dict: ``zoom`` and
-    ``complement`` (N×3×S×S), ``scores`` / ``peaks`` (N×961), ``xs`` /
+    ``complement`` (N×3×S×S), ``scores`` / ``peaks`` / ``to_zoom`` /
+    ``to_complement`` (N×961: normalised decide map, 0/1 masks), ``xs`` /
     ``xs_inv`` (N×31×31 saliency), ``grid`` / ``grid_inv`` (N×2×S×S).
     """
     class_response_maps = F.stop_gradient(class_response_maps)
-    scores, valid = _decide_maps(F, class_response_maps, num_classes)
+    scores, valid = _decide_maps(F, class_response_maps, num_classes, dtype)
     maps = F.reshape(scores, (-1, 1, GRID_SIZE, GRID_SIZE))
     peaks = _peak_mask(F, maps, 3, GRID_SIZE, GRID_SIZE) * _above_mean(F, maps)
     peaks = F.broadcast_mul(F.reshape(peaks, (-1, GRID_SIZE ** 2)), F.reshape(valid, (-1, 1)))
-    to_zoom, to_complement, is_mode2 = _mode_selection(F, scores, peaks, mode)
+    to_zoom, to_complement, is_mode2 = _mode_selection(F, scores, peaks, mode, dtype)
     mode2 = F.broadcast_like(is_mode2, scores) > 0
     # p = 2 passes s, not sqrt(s), to the zoom radius (S3N-4)
     xs = _sparse_attention(F, scores, to_zoom, lambda s: s,
                            lambda s: F.where(mode2, s, F.sqrt(s)), radius, base_ratio)
     xs_inv = _sparse_attention(F, scores, to_complement, lambda s: 1 / s, F.sqrt,
                                radius_inv, base_ratio)
-    result = {"scores": scores, "peaks": peaks, "xs": xs, "xs_inv": xs_inv}
+    result = {"scores": scores, "peaks": peaks, "to_zoom": to_zoom, "to_complement": to_complement,
+              "xs": xs, "xs_inv": xs_inv}
     for name, saliency in (("", xs), ("_inv", xs_inv)):
         padded = F.pad(F.expand_dims(saliency, axis=1), mode="edge",
                        pad_width=(0, 0, 0, 0, PADDING, PADDING, PADDING, PADDING))
@@ -324,13 +366,13 @@ def _generate(F, images, class_response_maps, mode, radius, radius_inv, filter_w
     return result
 
 
-def _as_data(value, ctx):
-    """NDArray of a gluon Parameter (on ``ctx``) or an NDArray/number as (1,)."""
+def _as_data(value, ctx, dtype="float32"):
+    """NDArray of a gluon Parameter (on ``ctx``) or an NDArray/number as (1,), in ``dtype``."""
     if isinstance(value, gluon.Parameter):
-        return value.data(ctx)
+        value = value.data(ctx)
     if isinstance(value, nd.NDArray):
-        return value.as_in_context(ctx)
-    return nd.array(np.reshape(np.asarray(value, np.float32), (1,)), ctx=ctx)
+        return value.as_in_context(ctx).astype(dtype, copy=False)
+    return nd.array(np.reshape(np.asarray(value), (1,)), ctx=ctx, dtype=dtype)
 
 
 def generate_map(images, class_response_maps, p, base_ratio, radius, radius_inv,
@@ -345,13 +387,13 @@ def generate_map(images, class_response_maps, p, base_ratio, radius, radius_inv,
     1×1×61×61 filter (Parameter/NDArray), default makeGaussian(61, fwhm=13).
     A decide map without peaks (a constant one, S3N-1/2) gives saliency maps
     of only base_ratio. With ``return_details`` also returns a dict of the
-    intermediates (scores, peaks, xs, xs_inv N×31×31, grid, grid_inv).
+    intermediates (see :func:`_generate`).
     """
     if not isinstance(images, nd.NDArray) or images.ndim != 4:
         raise UserError("generate_map images: expected an N×C×H×W NDArray, got %r"
                         % (getattr(images, "shape", type(images)),))
     if not isinstance(class_response_maps, nd.NDArray):
-        class_response_maps = nd.array(np.asarray(class_response_maps, np.float32), ctx=images.context)
+        class_response_maps = nd.array(np.asarray(class_response_maps), dtype=images.dtype)
     crm_shape = class_response_maps.shape
     if (len(crm_shape) != 4 or crm_shape[0] != images.shape[0]
             or crm_shape[2:] != (GRID_SIZE, GRID_SIZE)):
@@ -359,13 +401,14 @@ def generate_map(images, class_response_maps, p, base_ratio, radius, radius_inv,
                         % (images.shape[0], GRID_SIZE, GRID_SIZE, crm_shape))
     if p not in MODES:
         raise UserError("generate_map p: expected 0, 1 or 2, got %r" % (p,))
-    ctx = images.context
+    ctx, dtype = images.context, np.dtype(images.dtype).name
     if filter_weight is None:
-        filter_weight = _default_filter(ctx, images.dtype)
-    result = _generate(nd, images, class_response_maps.as_in_context(ctx),
-                       nd.array([p], ctx=ctx, dtype=images.dtype),
-                       _as_data(radius, ctx), _as_data(radius_inv, ctx),
-                       _as_data(filter_weight, ctx), crm_shape[1], float(base_ratio))
+        filter_weight = _default_filter(ctx, dtype)
+    result = _generate(nd, images, _as_data(class_response_maps, ctx, dtype),
+                       nd.array([p], ctx=ctx, dtype=dtype),
+                       _as_data(radius, ctx, dtype), _as_data(radius_inv, ctx, dtype),
+                       _as_data(filter_weight, ctx, dtype), crm_shape[1], float(base_ratio),
+                       dtype=dtype)
     if return_details:
         return result["zoom"], result["complement"], result
     return result["zoom"], result["complement"]
@@ -461,6 +504,7 @@ class S3N(gluon.HybridBlock):
             raise UserError("--image-size: expected a positive int, got %r" % (image_size,))
         self.num_classes = num_classes
         self.image_size = image_size
+        self.dtype = "float32"
         self.base_ratio = float(base_ratio)
         with self.name_scope():
             if isinstance(backbone, gluon.Block):
@@ -502,6 +546,11 @@ class S3N(gluon.HybridBlock):
                       nn.Activation("relu"))
         return block
 
+    def cast(self, dtype):
+        """Cast parameters (and the sampler's index arithmetic) to ``dtype``."""
+        self.dtype = np.dtype(dtype).name
+        super(S3N, self).cast(dtype)
+
     def forward(self, x, p=0, *args):
         """Accept the mode as a Python int (converted to an NDArray (1,) on x's device)."""
         if isinstance(x, nd.NDArray) and not isinstance(p, nd.NDArray):
@@ -526,7 +575,7 @@ class S3N(gluon.HybridBlock):
                                num_hidden=self.num_classes)
         maps = self.class_response_maps(F, feature_raw, raw_classifier_weight, raw_classifier_bias)
         sampled = _generate(F, x, maps, p, radius, radius_inv, filter, self.num_classes,
-                            self.base_ratio, out_size=self.image_size)
+                            self.base_ratio, out_size=self.image_size, dtype=self.dtype)
         pooled_zoom = F.mean(self.sampler_buffer(self.features(sampled["zoom"])), axis=(2, 3))
         pooled_comp = F.mean(self.sampler_buffer1(self.features(sampled["complement"])), axis=(2, 3))
         zoom = self.sampler_classifier(pooled_zoom)
