@@ -175,6 +175,30 @@ def save(path, arrays):
     atomic_write(path, arrays, payload_bytes(arrays))
 
 
+def link_atomic(source, destination):
+    """Make ``destination`` a copy of the checkpoint ``source`` atomically.
+
+    A hard link (no data written: the best checkpoint is usually the last
+    one) placed under a temporary name and ``os.replace``'d; a byte copy
+    where links are not supported.
+    """
+    directory = os.path.dirname(os.path.abspath(destination))
+    tmp = os.path.join(directory, ".%s.tmp-link-%d" % (os.path.basename(destination), os.getpid()))
+    try:
+        try:
+            os.link(source, tmp)
+        except OSError:
+            check_free_space(directory, os.path.getsize(source) + SAFETY_BYTES)
+            shutil.copyfile(source, tmp)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        os.replace(tmp, destination)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
 def read(path, flag="--resume"):
     """(record dict, arrays dict) of a checkpoint file, or a UserError naming ``path``."""
     if not os.path.isfile(path):
@@ -191,19 +215,15 @@ def read(path, flag="--resume"):
     return record, arrays
 
 
-def restore(path, blocks, trainers, schedule, meta, flag="--resume"):
-    """Load a checkpoint into the given objects; returns (progress, extra).
-
-    ``meta`` must equal the checkpoint's (same script, model, dataset, classes);
-    every parameter and trainer must be present with the same shapes.
-    extra: dict name -> state dict (arrays and numbers) for the caller to load.
-    """
-    record, arrays = read(path, flag)
+def _check_meta(path, record, meta, flag):
     saved = record["meta"]
     for key, value in meta.items():
         if saved.get(key) != value:
             raise UserError("%s: %s was written for %s=%r, this run has %s=%r"
                             % (flag, path, key, saved.get(key), key, value))
+
+
+def _set_params(path, arrays, blocks, flag):
     for block_name, block in blocks.items():
         for name, param in _param_dict(block).items():
             key = "param/%s/%s" % (block_name, name)
@@ -214,6 +234,26 @@ def restore(path, blocks, trainers, schedule, meta, flag="--resume"):
                 raise UserError("%s: %s holds %s/%s of shape %s, the model expects %s"
                                 % (flag, path, block_name, name, arrays[key].shape, param.shape))
             param.set_data(mx.nd.array(arrays[key], dtype=arrays[key].dtype))
+
+
+def load_parameters(path, blocks, meta, flag="--test"):
+    """Only the parameters of a checkpoint (evaluation, prediction); returns its record."""
+    record, arrays = read(path, flag)
+    _check_meta(path, record, meta, flag)
+    _set_params(path, arrays, blocks, flag)
+    return record
+
+
+def restore(path, blocks, trainers, schedule, meta, flag="--resume"):
+    """Load a checkpoint into the given objects; returns (progress, extra).
+
+    ``meta`` must equal the checkpoint's (same script, model, dataset, classes);
+    every parameter and trainer must be present with the same shapes.
+    extra: dict name -> state dict (arrays and numbers) for the caller to load.
+    """
+    record, arrays = read(path, flag)
+    _check_meta(path, record, meta, flag)
+    _set_params(path, arrays, blocks, flag)
     workdir = os.path.dirname(os.path.abspath(path))
     for name, trainer in trainers.items():
         if "trainer/" + name not in arrays:

@@ -1,0 +1,202 @@
+"""train_attr.py end to end on the real demo data (Fashion-MNIST), in subprocesses.
+
+Tiny configuration: resnet18_v1 at 32×32, a few dozen images, a few steps.
+The full model still has 24M parameters (the heads' widths are the
+original's), so each checkpoint is ~190 MB: runs are kept few and short.
+"""
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from training_runtime import checkpoint, cli
+from training_runtime.errors import UserError
+from training_runtime.loop import KILL_ENV, NAN_ENV
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--train-limit", "64", "--val-limit", "32", "--test-limit", "32", "--batch-size", "16",
+        "--lr", "0.01", "--epochs", "2", "--seed", "3"]
+
+
+def run_attr(args, env=None, expect=0):
+    full_env = dict(os.environ, **(env or {}))
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "train_attr.py")] + args, cwd=ROOT,
+                          env=full_env, capture_output=True, text=True, timeout=300)
+    if expect is not None:
+        assert proc.returncode == expect, "exit %d\nstdout:\n%s\nstderr:\n%s" % (
+            proc.returncode, proc.stdout, proc.stderr[-3000:])
+    return proc
+
+
+def params_of(path):
+    record, arrays = checkpoint.read(path)
+    return record, {k: v for k, v in arrays.items() if k.startswith("param/")}
+
+
+def max_param_diff(a, b):
+    assert a.keys() == b.keys()
+    return max(float(np.max(np.abs(a[k].astype(np.float64) - b[k]))) for k in a)
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory, fashion_mnist_dir):
+    """Uninterrupted: 6 steps over 2 epochs (4 + 2), checkpoints every 3 steps and at epoch ends."""
+    save_dir = str(tmp_path_factory.mktemp("ref") / "run")
+    run_attr(TINY + ["--save-dir", save_dir, "--max-steps", "6", "--checkpoint-every", "3"])
+    return save_dir
+
+
+def test_reference_run_writes_everything(reference_run):
+    files = set(os.listdir(reference_run))
+    assert {"args.json", "metrics.jsonl", "curves.png", "last.ckpt", "best.ckpt", "test.json"} <= files
+    assert not [f for f in files if f.startswith(".")]  # no temporary files left
+    with open(os.path.join(reference_run, "args.json")) as f:
+        assert json.load(f)["max_steps"] == 6
+    lines = [json.loads(line) for line in open(os.path.join(reference_run, "metrics.jsonl"))]
+    assert [(r["epoch"], r.get("partial", False)) for r in lines] == [(0, False), (1, True)]
+    for r in lines:
+        assert set(r) >= {"epoch", "lr", "train_loss", "val", "time"} and 0 <= r["val"]["mAP"] <= 1
+    record, _ = params_of(os.path.join(reference_run, "last.ckpt"))
+    assert record["progress"]["step"] == 6 and record["progress"]["epoch"] == 1
+
+
+@pytest.mark.parametrize("kill_at", [5, 4])
+def test_kill_and_resume_gives_the_same_parameters(reference_run, tmp_path, kill_at):
+    """SIGKILL after step k (5: mid-epoch, resumes from step 4's epoch-end checkpoint; 4: the
+    epoch's last step, killed before its evaluation, resumes from step 3), then --resume."""
+    save_dir = str(tmp_path / "run")
+    args = TINY + ["--save-dir", save_dir, "--max-steps", "6", "--checkpoint-every", "3"]
+    killed = run_attr(args, env={KILL_ENV: str(kill_at)}, expect=None)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    saved_step = checkpoint.read(os.path.join(save_dir, "last.ckpt"))[0]["progress"]["step"]
+    assert saved_step == {5: 4, 4: 3}[kill_at]
+    resumed = run_attr(args + ["--resume"])
+    assert "resumed from" in resumed.stdout
+    _, expected = params_of(os.path.join(reference_run, "last.ckpt"))
+    _, actual = params_of(os.path.join(save_dir, "last.ckpt"))
+    diff = max_param_diff(actual, expected)
+    assert diff <= 1e-6, "max parameter difference %g" % diff
+    print("kill at step %d: max parameter difference after resume %g" % (kill_at, diff))
+    ref_lines = open(os.path.join(reference_run, "metrics.jsonl")).read().splitlines()
+    lines = open(os.path.join(save_dir, "metrics.jsonl")).read().splitlines()
+    strip = [{k: v for k, v in json.loads(line).items() if k != "time"} for line in lines]
+    assert strip == [{k: v for k, v in json.loads(line).items() if k != "time"} for line in ref_lines]
+
+
+def test_two_cpu_contexts_match_one_with_frozen_batchnorm(tmp_path, fashion_mnist_dir):
+    """Data parallelism over [cpu(0), cpu(1)] = one context, when BatchNorm uses its running
+    statistics (--batchnorm frozen: a sample's output does not depend on its device's batch)."""
+    runs = {}
+    for cpus in ("1", "2"):
+        save_dir = str(tmp_path / ("cpus" + cpus))
+        run_attr(TINY + ["--save-dir", save_dir, "--max-steps", "3", "--cpus", cpus,
+                         "--batchnorm", "frozen", "--loss", "original"])
+        runs[cpus] = params_of(os.path.join(save_dir, "last.ckpt"))[1]
+    diff = max_param_diff(runs["2"], runs["1"])
+    print("2 contexts vs 1: max parameter difference %g" % diff)
+    assert diff <= 1e-5
+
+
+def test_sync_batchnorm_on_cpu_contexts_is_refused():
+    args = type("Args", (), dict(gpus="", cpus=2, batchnorm="sync"))()
+    with pytest.raises(UserError, match="--batchnorm sync: SyncBatchNorm needs GPUs"):
+        cli.contexts(args)
+
+
+def test_demo_loss_falls_on_real_images(tmp_path, fashion_mnist_dir):
+    save_dir = str(tmp_path / "run")
+    run_attr(["--train-limit", "240", "--val-limit", "64", "--test-limit", "64", "--batch-size", "16",
+              "--lr", "0.01", "--epochs", "2", "--save-dir", save_dir, "--loss", "original"])
+    lines = [json.loads(line) for line in open(os.path.join(save_dir, "metrics.jsonl"))]
+    assert len(lines) == 2 and lines[1]["steps"] == 30
+    assert lines[1]["train_loss"] < 0.85 * lines[0]["train_loss"], lines
+
+
+def test_nan_guard_names_the_step_and_keeps_the_last_good_checkpoint(tmp_path, fashion_mnist_dir):
+    save_dir = str(tmp_path / "run")
+    proc = run_attr(TINY + ["--save-dir", save_dir, "--max-steps", "6", "--checkpoint-every", "2"],
+                    env={NAN_ENV: "3"}, expect=2)
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "error: training diverged: the loss is nan at step 3 (lower --lr?); the last good "
+        "checkpoint is kept")
+    assert "Traceback" not in proc.stderr
+    record, params = params_of(os.path.join(save_dir, "last.ckpt"))
+    assert record["progress"]["step"] == 2
+    assert all(np.all(np.isfinite(v)) for v in params.values())
+
+
+def test_resume_missing_and_incompatible_checkpoints(reference_run, tmp_path):
+    proc = run_attr(TINY + ["--save-dir", str(tmp_path / "new"), "--resume"], expect=2)
+    assert proc.stderr.strip().splitlines() == [
+        "error: --resume: checkpoint %s not found" % os.path.join(str(tmp_path / "new"), "last.ckpt")]
+    other = str(tmp_path / "other")
+    shutil.copytree(reference_run, other)
+    proc = run_attr(TINY + ["--save-dir", other, "--resume", "--input-size", "28"], expect=2)
+    assert proc.stderr.strip().splitlines() == [
+        "error: --resume: %s was written for input_size=32, this run has input_size=28"
+        % os.path.join(other, "last.ckpt")]
+
+
+def test_test_and_predict(reference_run, tmp_path):
+    proc = run_attr(["--test", reference_run, "--test-limit", "40"])
+    assert "test mAP" in proc.stdout and "on 40 images" in proc.stdout
+    for word in ("footwear", "mA", "accuracy", "precision", "recall", "F1"):
+        assert word in proc.stdout
+    from training_runtime.fashion_mnist import load_split
+    images, _ = load_split("test")
+    from PIL import Image
+    paths = []
+    for i in range(3):
+        paths.append(str(tmp_path / ("img%d.png" % i)))
+        Image.fromarray(images[i]).convert("RGB").save(paths[-1])
+    output = str(tmp_path / "pred.csv")
+    run_attr(["--predict"] + paths + ["--weights", reference_run, "--output", output])
+    rows = list(csv.reader(open(output)))
+    assert rows[0][0] == "image" and rows[0][1] == "footwear" and len(rows) == 4
+    probs = np.array([[float(v) for v in row[1:]] for row in rows[1:]])
+    assert probs.shape == (3, 9) and np.all((probs >= 0) & (probs <= 1))
+    proc = run_attr(["--predict"] + paths, expect=2)
+    assert proc.stderr.startswith("error: --test/--predict: give the model")
+
+
+# ---- save-dir guard (in process: no training needed)
+
+class _Args(object):
+    def __init__(self, save_dir, resume=None, overwrite=False):
+        self.save_dir, self.resume, self.overwrite = save_dir, resume, overwrite
+
+
+def test_save_dir_holding_a_run_is_refused_unless_resume_or_overwrite(tmp_path):
+    run = str(tmp_path / "run")
+    cli.prepare_save_dir(_Args(run), "train_attr")
+    with pytest.raises(UserError, match="already holds a run; pass --resume .* or --overwrite"):
+        cli.prepare_save_dir(_Args(run), "train_attr")
+    open(os.path.join(run, checkpoint.LAST), "w").write("old")
+    cli.prepare_save_dir(_Args(run, resume="last"), "train_attr")
+    assert os.path.exists(os.path.join(run, checkpoint.LAST))
+    cli.prepare_save_dir(_Args(run, overwrite=True), "train_attr")
+    assert sorted(os.listdir(run)) == ["args.json"]  # the old run's files are gone
+    with pytest.raises(UserError, match="--resume and --overwrite"):
+        cli.prepare_save_dir(_Args(run, resume="last", overwrite=True), "train_attr")
+
+
+def test_default_save_dir_never_collides(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = _Args(None)
+    directory = cli.prepare_save_dir(args, "train_attr")
+    assert directory.startswith(os.path.join("runs", "train_attr-"))
+
+
+def test_refusal_is_one_line_and_status_2(tmp_path, fashion_mnist_dir):
+    run = str(tmp_path / "run")
+    os.makedirs(run)
+    open(os.path.join(run, "metrics.jsonl"), "w").close()
+    proc = run_attr(TINY + ["--save-dir", run], expect=2)
+    assert proc.stderr.strip().splitlines() == [
+        "error: --save-dir: %s already holds a run; pass --resume to continue it or --overwrite "
+        "to replace it" % run]
