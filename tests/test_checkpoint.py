@@ -176,3 +176,15 @@ def test_missing_corrupt_and_incompatible_checkpoints(tmp_path):
     other["head"].initialize()
     with pytest.raises(UserError, match="head/weight of shape \\(3, 8\\), the model expects \\(5, 8\\)"):
         checkpoint.restore(path, other, {}, schedule, META)
+
+
+def test_best_is_an_atomic_link_that_survives_rewriting_last(tmp_path):
+    blocks, trainers, schedule = _setup()
+    last = _save(tmp_path, blocks, trainers, schedule, 1)
+    best = str(tmp_path / checkpoint.BEST)
+    checkpoint.link_atomic(last, best)
+    _steps(blocks, trainers, 1)
+    _save(tmp_path, blocks, trainers, schedule, 2)  # a new file replaces last
+    assert checkpoint.read(best)[0]["progress"]["step"] == 1
+    assert checkpoint.read(last)[0]["progress"]["step"] == 2
+    assert _visible(tmp_path) == [checkpoint.BEST, checkpoint.LAST]

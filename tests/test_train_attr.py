@@ -142,11 +142,7 @@ def test_resume_missing_and_incompatible_checkpoints(reference_run, tmp_path):
         % os.path.join(other, "last.ckpt")]
 
 
-def test_test_and_predict(reference_run, tmp_path):
-    proc = run_attr(["--test", reference_run, "--test-limit", "40"])
-    assert "test mAP" in proc.stdout and "on 40 images" in proc.stdout
-    for word in ("footwear", "mA", "accuracy", "precision", "recall", "F1"):
-        assert word in proc.stdout
+def test_predict_writes_a_csv_of_probabilities(reference_run, tmp_path):
     from training_runtime.fashion_mnist import load_split
     images, _ = load_split("test")
     from PIL import Image
@@ -200,3 +196,22 @@ def test_refusal_is_one_line_and_status_2(tmp_path, fashion_mnist_dir):
     assert proc.stderr.strip().splitlines() == [
         "error: --save-dir: %s already holds a run; pass --resume to continue it or --overwrite "
         "to replace it" % run]
+
+
+def test_test_on_the_originals_params_files_matches_the_checkpoint(reference_run, tmp_path):
+    """--test DIR of the original's .params files (params_io layout) gives the same report."""
+    import mxnet as mx
+    from imbalanced_attr.model import AttributeModel
+    from imbalanced_attr.params_io import save_original_params
+    net = AttributeModel(9, backbone="resnet18_v1", input_size=32)
+    checkpoint.load_parameters(os.path.join(reference_run, "best.ckpt"), net.blocks(),
+                               {"num_classes": 9, "backbone": "resnet18_v1"})
+    params_dir = str(tmp_path / "params")
+    save_original_params(net, params_dir)
+    assert "backbone_resnet.params" in os.listdir(params_dir)
+    from_params = run_attr(["--test", params_dir, "--test-limit", "40"]).stdout
+    from_checkpoint = run_attr(["--test", reference_run, "--test-limit", "40"]).stdout
+    assert "test mAP" in from_checkpoint and "on 40 images" in from_checkpoint
+    for word in ("footwear", "mA", "accuracy", "precision", "recall", "F1"):
+        assert word in from_checkpoint
+    assert from_params == from_checkpoint
