@@ -418,9 +418,6 @@ def generate_map(images, class_response_maps, p, base_ratio, radius, radius_inv,
 # Loss
 # ----------------------------------------------------------------------------------------------
 
-SMOOTHED_BRANCHES = "index 1 and the last"   # S3N-14
-
-
 def multi_smooth_loss(outputs, labels, smooth_ratio=0.85, loss_weight=None, per_sample=False):
     """Upstream ``multi_smooth_loss`` (S3N-14): Σ_i w_i · loss_i over the outputs.
 
@@ -466,10 +463,14 @@ def multi_smooth_loss(outputs, labels, smooth_ratio=0.85, loss_weight=None, per_
 
 def _zoo_features(backbone, pretrained):
     """Model-zoo ResNet features without the global pooling, and their channel count."""
-    names = [n for n in ("resnet%d_v%d" % (d, v) for d in (18, 34, 50, 101, 152) for v in (1, 2))]
+    names = ["resnet%d_v%d" % (depth, version) for depth in (18, 34, 50, 101, 152) for version in (1, 2)]
     if backbone not in names:
         raise UserError("--backbone: expected one of %s for S3N, got %r" % (", ".join(names), backbone))
-    net = gluon.model_zoo.vision.get_model(backbone, pretrained=pretrained)
+    try:
+        net = gluon.model_zoo.vision.get_model(backbone, pretrained=pretrained)
+    except Exception as err:     # no network at run time: the weights must already be cached
+        raise UserError("--pretrained: ImageNet weights of %s are not available (%s)"
+                        % (backbone, str(err).splitlines()[0] if str(err) else type(err).__name__))
     features = nn.HybridSequential(prefix="")
     layers = list(net.features)
     while layers and isinstance(layers[-1], (nn.GlobalAvgPool2D, nn.Flatten)):
@@ -659,7 +660,7 @@ class S3NMethod(FGVCMethod):
 def build_method(num_classes, backbone="resnet50_v1", pretrained=False, image_size=448,
                  radius=0.09, radius_inv=0.3, base_ratio=0.09, smooth_ratio=0.85,
                  loss_weight=None, ctx=None, hybridize=True):
-    """S3N as an :class:`FGVCMethod`, initialised on ``ctx`` (default cpu).
+    """S3N as an :class:`FGVCMethod`, initialised on ``ctx`` (a context or a list; default cpu).
 
     New layers (and the backbone when not pretrained) are initialised Xavier
     (gaussian, 'in', magnitude 2); radius, radius_inv and filter start at
@@ -667,8 +668,9 @@ def build_method(num_classes, backbone="resnet50_v1", pretrained=False, image_si
     """
     net = S3N(num_classes, backbone=backbone, pretrained=pretrained, image_size=image_size,
               radius=radius, radius_inv=radius_inv, base_ratio=base_ratio)
-    net.initialize(mx.init.Xavier(rnd_type="gaussian", factor_type="in", magnitude=2),
-                   ctx=ctx or mx.cpu())
+    ctx = ctx or mx.cpu()
+    net.initialize(mx.init.Xavier(rnd_type="gaussian", factor_type="in", magnitude=2), ctx=ctx)
+    net.collect_params().reset_ctx(ctx)    # pretrained backbone weights are loaded on cpu only
     if hybridize:
         net.hybridize()
     return S3NMethod(net, smooth_ratio=smooth_ratio, loss_weight=loss_weight, image_size=image_size)
