@@ -57,31 +57,30 @@ ZOO_FEAT_DIM = 512
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 
 
-class _CenterLossFunction(autograd.Function):
-    """Forward: Σ||x − c_y||²/2/denominator; backward: upstream's custom gradients.
+def _center_loss_with_upstream_gradients(features, centers, labels, denominator):
+    """Σ||x − c_y||²/2/denominator (shape (1,)) whose autograd gradients are upstream's.
 
-    Arguments ordered (features, centers, labels): labels last, because MXNet
-    1.9.1 drops the gradients of inputs that follow a non-differentiable one.
+    features B × D, centers K × D, labels (B,). Built from ordinary ops, no
+    custom Function (MXNet 1.9.1's autograd.Function corrupts memory once its
+    calls are garbage collected):
+
+    - the value and the feature gradient come from Σ||x − stop(c_y)||²/2/denominator,
+      so the features get g·(x − c_y)/denominator;
+    - the centers get their gradient through ``make_loss``, whose backward is
+      ones whatever the incoming gradient g (CL-2), applied to the surrogate
+      Σ_i ||stop(x_i) − c_{y_i}||² / (2·(1 + n_{y_i})·denominator), whose
+      derivative is Σ_{i: y_i=j} (c_j − x_i)/(1 + n_j)/denominator (CL-1);
+      ``surrogate − stop(surrogate)`` adds 0 to the value.
     """
-
-    def __init__(self, denominator):
-        super(_CenterLossFunction, self).__init__()
-        self._denominator = float(denominator)
-
-    def forward(self, features, centers, labels):
-        diff = features - nd.take(centers, labels)  # B × D
-        self.save_for_backward(diff, labels, nd.zeros_like(centers))
-        return nd.sum(nd.square(diff)).reshape((1,)) / (2.0 * self._denominator)
-
-    def backward(self, grad_loss):
-        diff, labels, zeros_like_centers = self.saved_tensors
-        grad_features = nd.broadcast_mul(diff, grad_loss.reshape((1, 1))) / self._denominator
-        one_hot = nd.one_hot(labels, zeros_like_centers.shape[0])  # B × K
-        counts = 1.0 + nd.sum(one_hot, axis=0)  # 1 + n_j
-        # Σ_{i: y_i=j} (c_j − x_i) = −(one_hotᵀ · diff); grad_loss deliberately unused (CL-2)
-        grad_centers = nd.broadcast_div(-nd.dot(one_hot, diff, transpose_a=True),
-                                        counts.reshape((-1, 1))) / self._denominator
-        return grad_features, grad_centers, nd.zeros_like(labels)
+    centers_batch = nd.take(centers, labels)  # B × D
+    scale = 1.0 / (2.0 * denominator)
+    feature_term = nd.sum(nd.square(features - nd.BlockGrad(centers_batch))).reshape((1,)) * scale
+    one_hot = nd.one_hot(labels, centers.shape[0])  # B × K
+    counts = nd.BlockGrad(nd.dot(one_hot, 1.0 + nd.sum(one_hot, axis=0)))  # (B,): 1 + n_{y_i}
+    squared = nd.sum(nd.square(nd.BlockGrad(features) - centers_batch), axis=1)  # (B,)
+    # make_loss passes ones backwards, so everything the centres' gradient needs is inside it
+    surrogate = nd.make_loss(nd.sum(squared / counts).reshape((1,)) * scale)
+    return feature_term + surrogate - nd.BlockGrad(surrogate)
 
 
 class CenterLoss(gluon.Block):
@@ -107,8 +106,8 @@ class CenterLoss(gluon.Block):
                             % (self.feat_dim, features.shape[1]))
         if labels.shape != (batch,):
             raise UserError("CenterLoss labels: expected shape (%d,), got %s" % (batch, labels.shape))
-        function = _CenterLossFunction(batch if self.size_average else 1)
-        return function(features, self.centers.data(features.context), labels)
+        return _center_loss_with_upstream_gradients(
+            features, self.centers.data(features.context), labels, batch if self.size_average else 1)
 
 
 class CenterLossNetwork(gluon.HybridBlock):

@@ -251,11 +251,25 @@ def _scaled(channels, width):
     return max(1, int(round(channels * width)))
 
 
+class BatchNorm1D(nn.BatchNorm):
+    """BatchNorm of N×C features (PyTorch's BatchNorm1d), computed as N×C×1×1.
+
+    MXNet 1.9.1's oneDNN inference kernel for 2-D BatchNorm input crashes the
+    process (segfault) after other oneDNN work in the same process; the 4-D
+    path gives the same numbers and is safe. Parameter names are BatchNorm's.
+    """
+
+    def hybrid_forward(self, F, x, gamma, beta, running_mean, running_var):
+        y = super(BatchNorm1D, self).hybrid_forward(
+            F, x.reshape((0, 0, 1, 1)), gamma, beta, running_mean, running_var)
+        return y.reshape((0, -1))
+
+
 def _classifier_head(num_classes, pool):
     head = nn.HybridSequential(prefix="classifier_")
     with head.name_scope():
-        head.add(pool, nn.Flatten(), nn.BatchNorm(),
-                 nn.Dense(CLASSIFIER_HIDDEN), nn.BatchNorm(), nn.ELU(),
+        head.add(pool, nn.Flatten(), BatchNorm1D(),
+                 nn.Dense(CLASSIFIER_HIDDEN), BatchNorm1D(), nn.ELU(),
                  nn.Dense(num_classes))
     return head
 

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from conftest import assert_golden, golden_cases, golden_tolerance, load_golden
 from mxnet import autograd, nd
+from mxnet.gluon import nn
 from test_fgvc_baseline import fashion_mnist_tensors, seed_everything, train_steps
 
 from fgvc_gluon import mcloss
@@ -275,3 +276,17 @@ def test_short_training_on_fashion_mnist_lowers_the_loss(fashion_mnist_dir):
     # the classifier itself learned (4 classes: chance is 0.25), not only the L_div term
     accuracy = float((method.predict(data, 0)["classifier"].argmax(axis=1) == labels).mean().asscalar())
     assert accuracy > 0.7, accuracy
+
+
+def test_batchnorm1d_equals_gluon_batchnorm_on_features():
+    # BatchNorm1D runs 2-D input as N×C×1×1 (oneDNN crash work-around): same numbers
+    x = nd.random.normal(shape=(6, 5))
+    reference, ours = nn.BatchNorm(), mcloss.BatchNorm1D()
+    for block in (reference, ours):
+        block.initialize()
+    for record in (True, False):
+        with autograd.record(train_mode=record):
+            expected, actual = reference(x), ours(x)
+        np.testing.assert_allclose(actual.asnumpy(), expected.asnumpy(), rtol=1e-5, atol=1e-6)
+    assert sorted(k.split("_", 1)[1] for k in ours.collect_params()) == \
+        sorted(k.split("_", 1)[1] for k in reference.collect_params())
