@@ -41,7 +41,7 @@ own samples (upstream counts over the whole batch).
 from collections import OrderedDict
 
 import mxnet as mx
-from mxnet import autograd, gluon, nd
+from mxnet import gluon, nd
 from mxnet.gluon import nn
 
 from training_runtime.errors import UserError
@@ -60,9 +60,9 @@ MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 def _center_loss_with_upstream_gradients(features, centers, labels, denominator):
     """Σ||x − c_y||²/2/denominator (shape (1,)) whose autograd gradients are upstream's.
 
-    features B × D, centers K × D, labels (B,). Built from ordinary ops, no
-    custom Function (MXNet 1.9.1's autograd.Function corrupts memory once its
-    calls are garbage collected):
+    features B × D, centers K × D, labels (B,). Built from ordinary recorded
+    ops (no custom autograd.Function, whose Python callbacks run on MXNet's
+    engine thread):
 
     - the value and the feature gradient come from Σ||x − stop(c_y)||²/2/denominator,
       so the features get g·(x − c_y)/denominator;
