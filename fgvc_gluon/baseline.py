@@ -26,6 +26,7 @@ from mxnet.gluon import nn
 from mxnet.gluon.model_zoo import vision
 
 from training_runtime.errors import UserError
+from training_runtime.images import IMAGENET_MEAN, IMAGENET_STD
 
 from .method import FGVCMethod, ParamGroup
 
@@ -37,8 +38,6 @@ BACKBONES = tuple(
     + ["mobilenet%s" % m for m in ("0.25", "0.5", "0.75", "1.0")]
     + ["mobilenetv2_%s" % m for m in ("0.25", "0.5", "0.75", "1.0")]
     + ["inceptionv3", "alexnet"])
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 NEW_LAYER_INIT = mx.init.Xavier()
 
 

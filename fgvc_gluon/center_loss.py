@@ -47,7 +47,9 @@ from mxnet.gluon import nn
 from training_runtime.errors import UserError
 
 from .baseline import BACKBONES as ZOO_BACKBONES
-from .baseline import IMAGENET_MEAN, IMAGENET_STD, initialize_new_layers, model_zoo_network
+from training_runtime.images import IMAGENET_MEAN, IMAGENET_STD
+
+from .baseline import initialize_new_layers, model_zoo_network
 from .method import FGVCMethod, ParamGroup
 
 DEMO_BACKBONE = "lenet_pp"

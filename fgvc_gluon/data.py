@@ -49,7 +49,8 @@ from mxnet.gluon.data.vision import transforms, ImageFolderDataset
 
 from training_runtime import fashion_mnist
 from training_runtime.errors import UserError
-from training_runtime.images import (ImageListDataset, ArrayImageDataset, check_split, crop_box,
+from training_runtime.images import (IMAGENET_MEAN, IMAGENET_STD, ImageListDataset,
+                                     ArrayImageDataset, check_split, crop_box,
                                      first_existing, load_image, load_mat, mat_strings,
                                      open_text, require_root)
 
@@ -390,8 +391,8 @@ def make_transform(defaults, train):
         raise UserError("defaults: expected an 'image_size' entry, got keys %s"
                         % ", ".join(sorted(defaults)))
     size = int(defaults["image_size"])
-    mean = tuple(defaults.get("mean") or (0.485, 0.456, 0.406))
-    std = tuple(defaults.get("std") or (0.229, 0.224, 0.225))
+    mean = tuple(defaults.get("mean") or IMAGENET_MEAN)
+    std = tuple(defaults.get("std") or IMAGENET_STD)
     steps = []
     if train:
         crop = defaults.get("train_crop", "random_resized")

@@ -40,6 +40,7 @@ from mxnet import gluon, nd
 from mxnet.gluon import nn
 
 from training_runtime.errors import UserError
+from training_runtime.images import IMAGENET_MEAN, IMAGENET_STD
 
 from .method import FGVCMethod, ParamGroup
 
@@ -636,7 +637,7 @@ class S3NMethod(FGVCMethod):
             "image_size": image_size,
             "resize": int(round(image_size * 600 / 448.0)),
             "train_crop": "random_resized", "crop_scale": (0.5, 1.0), "flip": True,
-            "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225),
+            "mean": IMAGENET_MEAN, "std": IMAGENET_STD,
         }
 
     def param_groups(self):

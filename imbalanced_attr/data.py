@@ -56,7 +56,8 @@ from mxnet.gluon.data.vision import transforms
 
 from training_runtime import fashion_mnist
 from training_runtime.errors import UserError
-from training_runtime.images import (ImageListDataset, ArrayImageDataset, check_split,
+from training_runtime.images import (IMAGENET_MEAN, IMAGENET_STD, ImageListDataset,
+                                     ArrayImageDataset, check_split,
                                      first_existing, load_mat, mat_strings, open_text,
                                      require_root)
 
@@ -66,8 +67,6 @@ SPLITS = ("train", "val", "trainval", "test")
 DATASETS = ("wider", "peta", "pa100k", "fashion-mnist")
 # the original's ImageRecordIter: mean_r/g/b on 0-255 pixels, no std
 ORIGINAL_MEAN = (104.0, 117.0, 123.0)
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 # ----------------------------------------------------------------------------- labels

@@ -40,6 +40,9 @@ PNG_IEND = b"IEND\xaeB`\x82"
 GIF_SIGNATURES = (b"GIF87a", b"GIF89a")
 # bytes some encoders/copy tools leave after the end marker
 TRAILING_PADDING = b"\x00\r\n\t "
+# ImageNet statistics of 0-1 RGB pixels (model-zoo weights expect them)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 HEAD_BYTES, TAIL_BYTES = 16, 4096  # what check_image reads of a file
 
 
