@@ -5,9 +5,10 @@ baseline that S3N ships (``Yao-DD/S3N`` demo/cub_baseline.yml), so that the
 baseline and S3N are trained alike: ResNet-50 at 448×448, SGD momentum 0.9,
 wd 1e-4, batch 16, 30 epochs, base lr 0.001 with lr ×10 for the new
 classifier, lr ×0.1 from epoch 20, train random-resized crop (scale 0.5–1)
-plus flip, ImageNet mean/std. S3N's baseline uses its ``smooth_loss``, which
-takes the class count from the wrong axis (SPEC S3N-15); we use plain softmax
-cross entropy.
+plus flip, ImageNet mean/std. The loss is S3N's ``smooth_loss`` (label smoothing,
+``smooth_ratio`` 0.85, :func:`fgvc_gluon.s3n.smooth_loss`; upstream's fails
+for a batch of one, S3N-15, ours does not); ``smooth_ratio=None`` trains with
+plain softmax cross entropy instead.
 
 ``defaults`` keys are those documented in :mod:`fgvc_gluon.method` (lr,
 momentum, wd, batch_size, epochs, lr_steps, lr_factor, image_size, resize,
@@ -28,6 +29,8 @@ from mxnet.gluon.model_zoo import vision
 from training_runtime.errors import UserError
 from training_runtime.images import IMAGENET_MEAN, IMAGENET_STD
 
+from .data import s3n_test_resize
+from .s3n import smooth_loss
 from .method import FGVCMethod, ParamGroup
 
 # model-zoo networks whose ``features`` end in a pooled (or fully connected) vector
@@ -83,13 +86,14 @@ class BaselineMethod(FGVCMethod):
 
     name = "baseline"
 
-    def __init__(self, net, image_size):
+    def __init__(self, net, image_size, smooth_ratio=0.85):
         self.net = net
+        self.smooth_ratio = smooth_ratio
         self._ce = gluon.loss.SoftmaxCrossEntropyLoss()
         self.defaults = dict(
             lr=0.001, momentum=0.9, wd=1e-4, batch_size=16, epochs=30,
             lr_steps=[20], lr_factor=0.1,
-            image_size=image_size, resize=None, train_crop="random_resized", crop_scale=(0.5, 1.0),
+            image_size=image_size, resize=s3n_test_resize(image_size), train_crop="random_resized", crop_scale=(0.5, 1.0),
             pad=0, flip=True, mean=IMAGENET_MEAN, std=IMAGENET_STD)
 
     def param_groups(self):
@@ -97,15 +101,23 @@ class BaselineMethod(FGVCMethod):
                 ParamGroup("classifier", self.net.output.collect_params(), lr_mult=10.0)]
 
     def training_loss(self, data, label, epoch):
-        """Per-sample softmax cross entropy, (N,)."""
-        return self._ce(self.net(data), label)
+        """Per-sample loss (N,): S3N's label-smoothed cross entropy, or plain CE."""
+        logits = self.net(data)
+        if self.smooth_ratio is None:
+            return self._ce(logits, label)
+        return smooth_loss(logits, label, self.smooth_ratio)
 
     def predict(self, data, epoch):
         return OrderedDict([("classifier", self.net(data))])
 
 
-def build_method(num_classes, backbone="resnet50_v1", image_size=448, pretrained=False, ctx=None):
-    """Baseline method: ``backbone`` from BACKBONES with a new num_classes output, initialised on ``ctx``."""
+def build_method(num_classes, backbone="resnet50_v1", image_size=448, pretrained=False, ctx=None,
+                 smooth_ratio=0.85):
+    """Baseline method: ``backbone`` from BACKBONES with a new num_classes output, initialised on ``ctx``.
+
+    smooth_ratio: S3N baseline's label smoothing (0.85); None for plain cross entropy.
+    """
     if int(num_classes) < 2:
         raise UserError("baseline: expected at least 2 classes, got %d" % num_classes)
-    return BaselineMethod(classifier_network(int(num_classes), backbone, pretrained, ctx), int(image_size))
+    return BaselineMethod(classifier_network(int(num_classes), backbone, pretrained, ctx), int(image_size),
+                          smooth_ratio)

@@ -375,6 +375,13 @@ class PadRandomCrop(Block):
 TRAIN_CROPS = ("random_resized", "pad_random", "resize")
 
 
+def s3n_test_resize(image_size):
+    """S3N's evaluation resize (its fetch_data: test images to 600×600, aspect NOT kept,
+    then a center crop of 448), scaled to other input sizes: a (side, side) pair."""
+    side = int(round(image_size * 600 / 448.0))
+    return (side, side)
+
+
 def make_transform(defaults, train):
     """Gluon transform from a method's ``defaults`` (keys documented in
     fgvc_gluon.method.FGVCMethod.defaults): H×W×3 uint8 -> 3×S×S float32.

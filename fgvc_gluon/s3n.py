@@ -42,6 +42,7 @@ from mxnet.gluon import nn
 from training_runtime.errors import UserError
 from training_runtime.images import IMAGENET_MEAN, IMAGENET_STD
 
+from .data import s3n_test_resize
 from .method import FGVCMethod, ParamGroup
 
 GRID_SIZE = 31            # side of the class response maps and saliency maps (S3N-10)
@@ -54,7 +55,7 @@ GATE_TOP = 5
 MODES = (0, 1, 2)
 
 __all__ = ["make_gaussian", "gaussian_kernel", "mean_threshold", "find_peaks", "create_grid", "generate_map",
-           "multi_smooth_loss", "S3N", "S3NMethod", "build_method"]
+           "multi_smooth_loss", "smooth_loss", "S3N", "S3NMethod", "build_method"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -419,6 +420,20 @@ def generate_map(images, class_response_maps, p, base_ratio, radius, radius_inv,
 # Loss
 # ----------------------------------------------------------------------------------------------
 
+def smooth_loss(logits, labels, smooth_ratio=0.85):
+    """Upstream ``smooth_loss`` per sample: logits N×K, labels (N,) → (N,).
+
+    Cross entropy against the target smooth_ratio on the label and
+    (1 − smooth_ratio)/(K − 1) on every other class. Upstream takes K from
+    ``len(input[1])`` (the second ROW, whose length is K) and so fails for a
+    batch of one (S3N-15); we take K from the class axis.
+    """
+    num_classes = logits.shape[1]
+    target = nd.one_hot(labels, num_classes)
+    target = smooth_ratio * target + (1 - smooth_ratio) * (1 - target) / (num_classes - 1)
+    return -nd.sum(nd.log_softmax(logits, axis=1) * target, axis=1)
+
+
 def multi_smooth_loss(outputs, labels, smooth_ratio=0.85, loss_weight=None, per_sample=False):
     """Upstream ``multi_smooth_loss`` (S3N-14): Σ_i w_i · loss_i over the outputs.
 
@@ -446,14 +461,10 @@ def multi_smooth_loss(outputs, labels, smooth_ratio=0.85, loss_weight=None, per_
     smoothed = {1, len(outputs) - 1}
     total = 0
     for index, logits in enumerate(outputs):
-        log_probs = nd.log_softmax(logits, axis=1)
         if index in smoothed:
-            num_classes = logits.shape[1]
-            target = nd.one_hot(labels, num_classes)
-            target = smooth_ratio * target + (1 - smooth_ratio) * (1 - target) / (num_classes - 1)
-            branch = -nd.sum(log_probs * target, axis=1)
+            branch = smooth_loss(logits, labels, smooth_ratio)
         else:
-            branch = -nd.pick(log_probs, labels, axis=1)
+            branch = -nd.pick(nd.log_softmax(logits, axis=1), labels, axis=1)
         total = total + weights[index] * branch
     return total if per_sample else nd.mean(total).reshape((1,))
 
@@ -635,7 +646,7 @@ class S3NMethod(FGVCMethod):
             # upstream update_lr(epoch_step=40) fires at the start of 0-based epoch 39
             "lr_steps": [39], "lr_factor": 0.1,
             "image_size": image_size,
-            "resize": int(round(image_size * 600 / 448.0)),
+            "resize": s3n_test_resize(image_size),
             "train_crop": "random_resized", "crop_scale": (0.5, 1.0), "flip": True,
             "mean": IMAGENET_MEAN, "std": IMAGENET_STD,
         }

@@ -95,7 +95,23 @@ def test_method_contract_and_shapes():
                 "resize", "train_crop", "crop_scale", "pad", "flip", "mean", "std"):
         assert key in method.defaults, key
     assert method.defaults["image_size"] == 32
-    assert baseline.build_method(3, backbone="resnet18_v1").defaults["image_size"] == 448
+    full = baseline.build_method(3, backbone="resnet18_v1").defaults
+    # S3N's fetch_data: test images resized to 600x600 (aspect not kept), center crop 448
+    assert full["image_size"] == 448 and full["resize"] == (600, 600)
+
+
+def test_loss_is_s3n_label_smoothing_by_default_and_plain_ce_as_option():
+    seed_everything()
+    x, labels = nd.random.normal(shape=(1, 3, 32, 32)), nd.array([2])  # a batch of one works
+    target = np.full(5, 0.15 / 4)
+    target[2] = 0.85
+    smoothed = baseline.build_method(5, backbone="resnet18_v1", image_size=32)
+    log_probs = nd.log_softmax(smoothed.net(x), axis=1).asnumpy()[0]
+    np.testing.assert_allclose(smoothed.training_loss(x, labels, 0).asnumpy(),
+                               [-(log_probs * target).sum()], rtol=1e-5)
+    plain = baseline.build_method(5, backbone="resnet18_v1", image_size=32, smooth_ratio=None)
+    log_probs = nd.log_softmax(plain.net(x), axis=1).asnumpy()[0]
+    np.testing.assert_allclose(plain.training_loss(x, labels, 0).asnumpy(), [-log_probs[2]], rtol=1e-5)
 
 
 def test_hybridized_forward_matches_imperative():
@@ -115,4 +131,7 @@ def test_short_training_on_fashion_mnist_lowers_the_loss(fashion_mnist_dir):
     method.net.hybridize()
     losses = train_steps(method, data, labels, steps=32, batch_size=32, lr=method.defaults["lr"])
     assert np.all(np.isfinite(losses))
-    assert losses[-8:].mean() < 0.5 * losses[:4].mean(), losses
+    # label smoothing 0.85 over 4 classes: the loss cannot go below the target's entropy
+    target = np.array([0.85] + [0.05] * 3)
+    floor = -(target * np.log(target)).sum()
+    assert losses[-8:].mean() - floor < 0.5 * (losses[:4].mean() - floor), losses
