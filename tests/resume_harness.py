@@ -1,0 +1,65 @@
+"""Helpers for end-to-end tests of the training scripts (run in subprocesses).
+
+- :func:`run_script`: run ``<repo>/<script>`` with arguments, check its exit status;
+- :func:`params_of` / :func:`max_param_diff`: the parameters stored in a checkpoint;
+- :func:`metrics_without_time`: metrics.jsonl lines minus the wall-clock field;
+- :func:`kill_and_resume`: SIGKILL a run after a given step (the runtime's
+  ``TRAINING_RUNTIME_KILL_AT_STEP`` hook), restart it with ``--resume`` and
+  return the resumed run's directory and the step of the checkpoint it
+  restarted from.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+from training_runtime import checkpoint
+from training_runtime.loop import KILL_ENV
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_script(script, args, env=None, expect=0, timeout=300):
+    """Run ``python <ROOT>/<script> args`` from ROOT; assert the exit status unless expect is None."""
+    full_env = dict(os.environ, **(env or {}))
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, script)] + list(args), cwd=ROOT,
+                          env=full_env, capture_output=True, text=True, timeout=timeout)
+    if expect is not None:
+        assert proc.returncode == expect, "exit %d\nstdout:\n%s\nstderr:\n%s" % (
+            proc.returncode, proc.stdout[-3000:], proc.stderr[-3000:])
+    return proc
+
+
+def params_of(path):
+    """(record, {'param/<block>/<name>': numpy array}) of a checkpoint file."""
+    record, arrays = checkpoint.read(path)
+    return record, {k: v for k, v in arrays.items() if k.startswith("param/")}
+
+
+def max_param_diff(a, b):
+    """Largest absolute difference between two parameter dicts with the same keys."""
+    assert a.keys() == b.keys()
+    return max(float(np.max(np.abs(a[k].astype(np.float64) - b[k]))) for k in a)
+
+
+def metrics_without_time(save_dir):
+    """metrics.jsonl of a run as a list of dicts without the 'time' field."""
+    with open(os.path.join(save_dir, "metrics.jsonl")) as f:
+        return [{k: v for k, v in json.loads(line).items() if k != "time"} for line in f if line.strip()]
+
+
+def kill_and_resume(script, args, save_dir, kill_at):
+    """Run ``script args --save-dir save_dir``, SIGKILLed right after step ``kill_at``,
+    then the same command with ``--resume``. Returns the step of the checkpoint the
+    resumed run started from."""
+    args = list(args) + ["--save-dir", save_dir]
+    killed = run_script(script, args, env={KILL_ENV: str(kill_at)}, expect=None)
+    assert killed.returncode == -9, "expected SIGKILL, got exit %d\n%s" % (
+        killed.returncode, killed.stderr[-2000:])
+    saved_step = checkpoint.read(os.path.join(save_dir, checkpoint.LAST))[0]["progress"]["step"]
+    assert saved_step < kill_at
+    resumed = run_script(script, args + ["--resume"])
+    assert "resumed from" in resumed.stdout
+    return saved_step
