@@ -14,14 +14,16 @@ checkpoints and exact resume (training_runtime, shared with train_attr.py).
 Upstream defaults (with --data-dir; any flag overrides them). Model, schedule
 and preprocessing come from the method (its build_method defaults and its
 ``defaults``); ImageNet weights are loaded for baseline and s3n as upstream:
-  baseline    resnet50_v1 at 448, lr 0.001 (x10 new classifier), momentum 0.9, wd 1e-4, batch 16,
-              30 epochs, x0.1 from epoch 20 (S3N's baseline config); random-resized crop + flip
+  baseline    resnet50_v1 at 448, S3N's label-smoothed loss (0.85), lr 0.001 (x10 new classifier),
+              momentum 0.9, wd 1e-4, batch 16, 30 epochs, x0.1 from epoch 20 (S3N's baseline
+              config); random-resized crop (0.5-1) + flip, test resize 600x600 + center crop
   mcloss      vgg16_bn_mc (c*xi MC channels, from scratch) at 224, xi 3, alpha 1.5, beta 20,
               lr 0.1, momentum 0.9, wd 5e-4, batch 32, 300 epochs, x0.1 at epochs 149 and 224;
               resize 224 + pad-4 random crop + flip, mean = std = 0.5
   s3n         resnet50_v1 at 448, radius 0.09, radius-inv 0.3, base-ratio 0.09, lr 0.001 (x10
               classifiers, x1e-4 radius and filter), momentum 0.9, wd 1e-4, batch 16, 60 epochs,
-              x0.1 from epoch 39; random-resized crop (0.5-1) + flip, test resize + center crop
+              x0.1 from epoch 39; random-resized crop (0.5-1) + flip, test resize 600x600 + center
+              crop (600 scales with --image-size)
   centerloss  lenet_pp (2-D features) at 28, center weight 1, centers on plain SGD at lr 0.5,
               net lr 0.001, momentum 0.9, wd 5e-4, batch 128, 100 epochs, x0.8 every 20 epochs
 Epochs are 0-based. Splits: cub, cub-s3n, cars, folder train on 'train', aircraft
@@ -31,18 +33,20 @@ scripts do (--train-split / --val-split change this).
 Demo defaults (no --data-dir, or --dataset fashion-mnist): the 10 Fashion-MNIST
 classes, 3,000 training and 1,000 validation images, 3 epochs, batch 32, no lr
 steps, no pretraining, final test on 2,000 test images; per method:
-  baseline    resnet18_v1 at 32, lr 0.0005 (x10 classifier)      ~1 min, test top-1 ~0.68
+  baseline    resnet18_v1 at 32, lr 0.0005 (x10 classifier)      ~1 min, test top-1 ~0.66
   mcloss      resnet18_mc, width 0.25, at 32, lr 0.05            ~20 s,  test top-1 ~0.62
-  s3n         resnet18_v1 at 48, lr 0.001 (x10 classifiers),     ~4 min
+  s3n         resnet18_v1 at 48, lr 0.001 (x10 classifiers),     ~3 min, test top-1 ~0.66
               1,000 training and 500 validation images
   centerloss  lenet_pp at 28, lr 0.01                            ~1.5 min, test top-1 ~0.39 (2-D features)
 (times on 2 CPU cores). The lrs are lower than upstream's where the networks
 train from scratch with a x10 classifier: at lr 0.01 baseline and s3n diverge.
 
-Deviations from the upstream scripts: labels are class indices on every
-device slice (per-device statistics: MC-Loss masks and center-loss class
-counts are drawn/counted per slice on several devices, see the method
-modules); --batchnorm frozen|sync (BatchNorm statistics with several devices).
+Deviations from the upstream scripts: on several devices each device slice
+draws its own MC-Loss mask and counts its own center-loss class counts (see
+the method modules); --batchnorm frozen|sync (BatchNorm statistics with
+several devices; default batch = per device, as Gluon does); all randomness
+is a function of (--seed, epoch, step) for exact resume, evaluation included
+(S3N evaluates with its random mode p=1 up to epoch 20).
 """
 import collections
 import inspect
@@ -64,14 +68,14 @@ METHOD_MODULES = collections.OrderedDict([
     ("s3n", "fgvc_gluon.s3n"), ("centerloss", "fgvc_gluon.center_loss")])
 #: upstream loads ImageNet weights into these methods' backbones (the others train from scratch)
 UPSTREAM_PRETRAINED = {"baseline": True, "mcloss": False, "s3n": True, "centerloss": False}
-#: method knob flag (dest) -> (method, build_method keyword)
+#: method knob flag (dest) -> (the methods that take it, build_method keyword)
 METHOD_KNOBS = collections.OrderedDict([
-    ("xi", ("mcloss", "xi")), ("alpha", ("mcloss", "alpha")), ("beta", ("mcloss", "beta")),
-    ("width", ("mcloss", "width")),
-    ("radius", ("s3n", "radius")), ("radius_inv", ("s3n", "radius_inv")),
-    ("base_ratio", ("s3n", "base_ratio")),
-    ("center_weight", ("centerloss", "loss_weight")), ("center_lr", ("centerloss", "center_lr")),
-    ("feat_dim", ("centerloss", "feat_dim"))])
+    ("xi", (("mcloss",), "xi")), ("alpha", (("mcloss",), "alpha")), ("beta", (("mcloss",), "beta")),
+    ("width", (("mcloss",), "width")),
+    ("radius", (("s3n",), "radius")), ("radius_inv", (("s3n",), "radius_inv")),
+    ("base_ratio", (("s3n",), "base_ratio")), ("smooth_ratio", (("baseline", "s3n"), "smooth_ratio")),
+    ("center_weight", (("centerloss",), "loss_weight")), ("center_lr", (("centerloss",), "center_lr")),
+    ("feat_dim", (("centerloss",), "feat_dim"))])
 #: build_method keywords that are runtime plumbing, not part of the model's identity
 NOT_OPTIONS = ("num_classes", "ctx", "pretrained", "hybridize", "seed")
 #: (train split, split evaluated every epoch) per dataset
@@ -124,12 +128,16 @@ def build_parser():
     g.add_argument("--radius", type=float, default=None, help="s3n: initial radius")
     g.add_argument("--radius-inv", type=float, default=None, help="s3n: initial radius_inv")
     g.add_argument("--base-ratio", type=float, default=None, help="s3n: base ratio of the maps")
+    g.add_argument("--smooth-ratio", type=float, default=None,
+                   help="baseline, s3n: label smoothing target of S3N's smooth loss (0.85; "
+                        "1 = plain cross entropy)")
     g.add_argument("--center-weight", type=float, default=None, help="centerloss: lambda")
     g.add_argument("--center-lr", type=float, default=None, help="centerloss: fixed lr of the centers")
     g.add_argument("--feat-dim", type=int, default=None, help="centerloss: feature dimension")
     g = parser.add_argument_group("evaluation")
     g.add_argument("--test", nargs="?", const="", default=None, metavar="WEIGHTS",
-                   help="only test: WEIGHTS is a checkpoint or a run directory (its best checkpoint)")
+                   help="only test: WEIGHTS is a checkpoint or a run directory (its best checkpoint); "
+                        "the method and model come from the checkpoint")
     return parser
 
 
@@ -145,10 +153,10 @@ def method_module(name):
 
 def check_knobs(args):
     """UserError for a method knob given with another --method."""
-    for dest, (method, _) in METHOD_KNOBS.items():
-        if getattr(args, dest) is not None and method != args.method:
+    for dest, (methods, _) in METHOD_KNOBS.items():
+        if getattr(args, dest) is not None and args.method not in methods:
             raise UserError("--%s: only for --method %s (this run is --method %s)"
-                            % (dest.replace("_", "-"), method, args.method))
+                            % (dest.replace("_", "-"), " or ".join(methods), args.method))
 
 
 def build_options(args):
@@ -158,8 +166,8 @@ def build_options(args):
     options = {name: p.default for name, p in signature.parameters.items()
                if name not in NOT_OPTIONS and p.default is not inspect.Parameter.empty}
     given = {"backbone": args.backbone, "image_size": args.image_size}
-    given.update({keyword: getattr(args, dest) for dest, (method, keyword) in METHOD_KNOBS.items()
-                  if method == args.method})
+    given.update({keyword: getattr(args, dest) for dest, (methods, keyword) in METHOD_KNOBS.items()
+                  if args.method in methods})
     options.update({k: v for k, v in given.items() if v is not None})
     return options
 
@@ -207,8 +215,9 @@ def build_method(args, num_classes, ctx, options):
         use_sync_batchnorm(method.net, len(ctx))
     elif args.batchnorm == "frozen":
         freeze_batchnorm(method.net)
-    for block in method_blocks(method).values():
-        block.hybridize()  # recursive: a plain Block's HybridBlock children are hybridized
+    for block in vars(method).values():
+        if isinstance(block, gluon.Block):
+            block.hybridize()  # recursive: a plain Block's HybridBlock children are hybridized
     infer_parameter_shapes(method, ctx)
     return method
 
@@ -403,6 +412,10 @@ def main(argv=None):
     np.random.seed(args.seed)
     train_set = load_split(args, args.train_split, args.train_limit, "--train-split")
     val_set = load_split(args, args.val_split, args.val_limit, "--val-split")
+    if val_set.num_classes != train_set.num_classes:
+        raise UserError("--val-split: split %r of %s has %d classes, the training split %r has %d"
+                        % (args.val_split, args.dataset, val_set.num_classes, args.train_split,
+                           train_set.num_classes))
     method = build_method(args, train_set.num_classes, ctx, options)
     fill_from_method(args, method.defaults)
     save_dir = cli.prepare_save_dir(args, SCRIPT)

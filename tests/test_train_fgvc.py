@@ -106,6 +106,16 @@ def test_test_prints_the_top1_of_every_branch(reference_runs):
     assert 0 <= top1 <= 1 and top1 == branches["concat"]
 
 
+def test_unavailable_imagenet_weights_are_a_one_line_error(tmp_path, fashion_mnist_dir):
+    """--pretrained without the model-zoo files and without network: one clear line, status 2."""
+    env = {"MXNET_HOME": str(tmp_path / "mxnet"), "MXNET_GLUON_REPO": "http://127.0.0.1:9/"}
+    proc = run_script(SCRIPT, ["--method", "s3n", "--pretrained", "--image-size", "32"] + TINY
+                      + ["--save-dir", str(tmp_path / "run")], env=env, expect=2)
+    assert "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: --pretrained: ") and "resnet18_v1" in last, last
+
+
 # ---- argument errors (in process)
 
 def run_main(argv, capsys):
