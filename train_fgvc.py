@@ -218,16 +218,7 @@ def build_method(args, num_classes, ctx, options):
     for block in vars(method).values():
         if isinstance(block, gluon.Block):
             block.hybridize()  # recursive: a plain Block's HybridBlock children are hybridized
-    infer_parameter_shapes(method, ctx)
     return method
-
-
-def infer_parameter_shapes(method, ctx):
-    """One prediction on a zero batch, so that parameters with deferred shapes
-    (in_channels left to Gluon) get their shapes: checkpoints are restored by
-    shape (training_runtime.checkpoint checks every shape before set_data)."""
-    size = int(method.defaults["image_size"])
-    method.predict(mx.nd.zeros((1, 3, size, size), ctx=ctx[0]), 0)
 
 
 def method_blocks(method):

@@ -188,3 +188,29 @@ def test_best_is_an_atomic_link_that_survives_rewriting_last(tmp_path):
     assert checkpoint.read(best)[0]["progress"]["step"] == 1
     assert checkpoint.read(last)[0]["progress"]["step"] == 2
     assert _visible(tmp_path) == [checkpoint.BEST, checkpoint.LAST]
+
+
+def test_parameters_with_deferred_shapes_load_from_a_checkpoint(tmp_path):
+    # a freshly built network whose in_units Gluon infers at the first forward
+    blocks, trainers, schedule = _setup()
+    _steps(blocks, trainers, 2)
+    path = _save(tmp_path, blocks, trainers, schedule, step=2)
+    fresh = collections.OrderedDict()
+    fresh["body"] = gluon.nn.HybridSequential()
+    fresh["body"].add(gluon.nn.Dense(8, activation="relu"), gluon.nn.BatchNorm())
+    fresh["head"] = gluon.nn.Dense(3)
+    for block in fresh.values():
+        block.initialize()
+    assert fresh["head"].weight.shape == (3, 0)
+    checkpoint.load_parameters(path, fresh, META)
+    saved, loaded = _params(blocks), _params(fresh)
+    assert saved.keys() == loaded.keys()
+    for key in saved:
+        np.testing.assert_array_equal(loaded[key], saved[key], err_msg=key)
+    # a known dimension that differs is still refused
+    wrong = collections.OrderedDict(body=gluon.nn.HybridSequential(), head=gluon.nn.Dense(3, in_units=5))
+    wrong["body"].add(gluon.nn.Dense(8, activation="relu"), gluon.nn.BatchNorm())
+    for block in wrong.values():
+        block.initialize()
+    with pytest.raises(UserError, match=r"head/weight of shape \(3, 8\), the model expects \(3, 5\)"):
+        checkpoint.load_parameters(path, wrong, META)

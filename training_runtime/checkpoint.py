@@ -230,10 +230,14 @@ def _set_params(path, arrays, blocks, flag):
             if key not in arrays:
                 raise UserError("%s: %s has no parameter %s/%s (different model?)"
                                 % (flag, path, block_name, name))
-            if arrays[key].shape != param.shape:
+            saved = arrays[key]
+            # 0 = a dimension Gluon infers at the first forward (deferred initialisation)
+            if len(saved.shape) != len(param.shape) or any(
+                    mine not in (0, theirs) for mine, theirs in zip(param.shape, saved.shape)):
                 raise UserError("%s: %s holds %s/%s of shape %s, the model expects %s"
-                                % (flag, path, block_name, name, arrays[key].shape, param.shape))
-            param.set_data(mx.nd.array(arrays[key], dtype=arrays[key].dtype))
+                                % (flag, path, block_name, name, saved.shape, param.shape))
+            # what Block.load_parameters does: completes deferred shapes and initialises
+            param._load_init(mx.nd.array(saved, dtype=saved.dtype), param.list_ctx())
 
 
 def load_parameters(path, blocks, meta, flag="--test"):
