@@ -28,7 +28,6 @@ index (shuffling is safe; the original indexed by batch position),
 loss), ``--normalize imagenet``, ``--batchnorm sync|frozen`` (how BatchNorm
 statistics behave when the batch is split over several devices).
 """
-import collections
 import csv
 import os
 import sys
@@ -39,7 +38,7 @@ from mxnet import gluon
 
 from training_runtime import checkpoint, cli
 from training_runtime.errors import UserError
-from training_runtime.loop import Runner, freeze_batchnorm, use_sync_batchnorm
+from training_runtime.loop import ParamGroup, Runner, freeze_batchnorm, use_sync_batchnorm
 from training_runtime.schedule import PlateauSchedule
 
 SCRIPT = "train_attr"
@@ -182,7 +181,7 @@ class AttributeTask(object):
         self.meta = meta_of(args, self.attribute_names)
         self.net = build_model(args, num_classes, ctx)
         self.blocks = self.net.blocks()
-        self.groups = [(name, block.collect_params(), 1.0, None, True)
+        self.groups = [ParamGroup(name, block.collect_params())
                        for name, block in self.blocks.items()
                        if not (args.finetune and block is self.net.backbone)]
         self._targets = training_targets
@@ -261,17 +260,15 @@ def weights_path(args, source):
     if not source:
         raise UserError("--test/--predict: give the model: --test WEIGHTS or --weights WEIGHTS "
                         "(a checkpoint, a run directory or a directory of .params files)")
+    path = checkpoint.run_checkpoint(source)
+    if path is not None:
+        return "checkpoint", path
     if os.path.isdir(source):
-        for name in (checkpoint.BEST, checkpoint.LAST):
-            if os.path.isfile(os.path.join(source, name)):
-                return "checkpoint", os.path.join(source, name)
         if any(f.endswith(".params") for f in os.listdir(source)):
             return "original", source
         raise UserError("--weights: %s holds neither %s/%s nor the original's .params files"
                         % (source, checkpoint.BEST, checkpoint.LAST))
-    if not os.path.isfile(source):
-        raise UserError("--weights: %s not found" % source)
-    return "checkpoint", source
+    raise UserError("--weights: %s not found" % source)
 
 
 def load_for_inference(args, ctx, source, attribute_names=None):

@@ -350,14 +350,12 @@ def checkpoint_for_test(source):
     """The checkpoint file of ``--test WEIGHTS`` (a file, or a run directory's best/last)."""
     if not source:
         raise UserError("--test: give the model: --test WEIGHTS (a checkpoint or a run directory)")
-    if os.path.isdir(source):
-        for name in (checkpoint.BEST, checkpoint.LAST):
-            if os.path.isfile(os.path.join(source, name)):
-                return os.path.join(source, name)
+    path = checkpoint.run_checkpoint(source)
+    if path is None and os.path.isdir(source):
         raise UserError("--test: %s holds neither %s nor %s" % (source, checkpoint.BEST, checkpoint.LAST))
-    if not os.path.isfile(source):
+    if path is None:
         raise UserError("--test: %s not found" % source)
-    return source
+    return path
 
 
 def run_test(args, ctx):

@@ -6,19 +6,9 @@ an :class:`FGVCMethod`. The shared runtime builds one ``gluon.Trainer`` per
 ``autograd.record()`` once per device slice, and :meth:`FGVCMethod.predict`
 for evaluation.
 """
-from collections import namedtuple
+from training_runtime.loop import ParamGroup
 
-ParamGroup = namedtuple("ParamGroup", "name params lr_mult optimizer_params follows_schedule")
-ParamGroup.__new__.__defaults__ = (1.0, None, True)
-ParamGroup.__doc__ = """One Trainer's worth of parameters.
-
-name: str, used for the trainer-state entry in checkpoints.
-params: gluon ParameterDict (or list of Parameters).
-lr_mult: learning rate = schedule lr * lr_mult (S3N's per-group multipliers).
-optimizer_params: dict overriding the optimizer settings for this group
-    (e.g. the center-loss centers: {'learning_rate': 0.5, 'momentum': 0, 'wd': 0}).
-follows_schedule: False keeps this group's learning rate fixed.
-"""
+__all__ = ["FGVCMethod", "ParamGroup"]
 
 
 class FGVCMethod(object):

@@ -478,11 +478,8 @@ def _zoo_features(backbone, pretrained):
     names = ["resnet%d_v%d" % (depth, version) for depth in (18, 34, 50, 101, 152) for version in (1, 2)]
     if backbone not in names:
         raise UserError("--backbone: expected one of %s for S3N, got %r" % (", ".join(names), backbone))
-    try:
-        net = gluon.model_zoo.vision.get_model(backbone, pretrained=pretrained)
-    except Exception as err:     # no network at run time: the weights must already be cached
-        raise UserError("--pretrained: ImageNet weights of %s are not available (%s)"
-                        % (backbone, str(err).splitlines()[0] if str(err) else type(err).__name__))
+    from .baseline import model_zoo_network  # here: baseline imports this module's smooth_loss
+    net = model_zoo_network(backbone, pretrained)
     features = nn.HybridSequential(prefix="")
     layers = list(net.features)
     while layers and isinstance(layers[-1], (nn.GlobalAvgPool2D, nn.Flatten)):

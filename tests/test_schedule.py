@@ -1,5 +1,4 @@
 """The shared learning-rate state: plateau rule, step rule, trainers, state_dict."""
-import mxnet as mx
 import pytest
 from mxnet import gluon
 

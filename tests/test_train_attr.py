@@ -8,8 +8,6 @@ import csv
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -17,30 +15,14 @@ import pytest
 from training_runtime import checkpoint, cli
 from training_runtime.errors import UserError
 from training_runtime.loop import KILL_ENV, NAN_ENV
+from resume_harness import max_param_diff, params_of, run_script
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--train-limit", "64", "--val-limit", "32", "--test-limit", "32", "--batch-size", "16",
         "--lr", "0.01", "--epochs", "2", "--seed", "3"]
 
 
 def run_attr(args, env=None, expect=0):
-    full_env = dict(os.environ, **(env or {}))
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "train_attr.py")] + args, cwd=ROOT,
-                          env=full_env, capture_output=True, text=True, timeout=300)
-    if expect is not None:
-        assert proc.returncode == expect, "exit %d\nstdout:\n%s\nstderr:\n%s" % (
-            proc.returncode, proc.stdout, proc.stderr[-3000:])
-    return proc
-
-
-def params_of(path):
-    record, arrays = checkpoint.read(path)
-    return record, {k: v for k, v in arrays.items() if k.startswith("param/")}
-
-
-def max_param_diff(a, b):
-    assert a.keys() == b.keys()
-    return max(float(np.max(np.abs(a[k].astype(np.float64) - b[k]))) for k in a)
+    return run_script("train_attr.py", args, env=env, expect=expect)
 
 
 @pytest.fixture(scope="module")
@@ -200,7 +182,6 @@ def test_refusal_is_one_line_and_status_2(tmp_path, fashion_mnist_dir):
 
 def test_test_on_the_originals_params_files_matches_the_checkpoint(reference_run, tmp_path):
     """--test DIR of the original's .params files (params_io layout) gives the same report."""
-    import mxnet as mx
     from imbalanced_attr.model import AttributeModel
     from imbalanced_attr.params_io import save_original_params
     net = AttributeModel(9, backbone="resnet18_v1", input_size=32)

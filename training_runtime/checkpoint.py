@@ -215,6 +215,17 @@ def read(path, flag="--resume"):
     return record, arrays
 
 
+def run_checkpoint(source):
+    """The checkpoint ``source`` names: the file itself, or a run directory's best
+    (else last) checkpoint; None when there is none (the caller words the error)."""
+    if os.path.isdir(source):
+        for name in (BEST, LAST):
+            if os.path.isfile(os.path.join(source, name)):
+                return os.path.join(source, name)
+        return None
+    return source if os.path.isfile(source) else None
+
+
 def _check_meta(path, record, meta, flag):
     saved = record["meta"]
     for key, value in meta.items():

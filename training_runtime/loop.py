@@ -4,7 +4,7 @@ A script describes its model as a *task* (any object with these members) and
 hands it to :class:`Runner`:
 
 - ``blocks``: ordered dict name -> Block, everything that is checkpointed;
-- ``groups``: list of ``fgvc_gluon.method.ParamGroup``-like tuples
+- ``groups``: list of :class:`ParamGroup`
   ``(name, params, lr_mult, optimizer_params, follows_schedule)``, one
   ``gluon.Trainer`` each (all SGD, sharing one :mod:`schedule`);
 - ``train_set``: a Dataset of ``(data, label)`` items (already transformed);
@@ -35,6 +35,7 @@ right after step k (before any checkpoint of that step);
 the backward pass (so the parameters become NaN too).
 """
 import collections
+from collections import namedtuple
 import json
 import math
 import os
@@ -50,6 +51,19 @@ from mxnet import autograd, gluon
 from . import checkpoint
 from .cli import CURVES_FILE, METRICS_FILE, resume_path
 from .errors import UserError
+
+ParamGroup = namedtuple("ParamGroup", "name params lr_mult optimizer_params follows_schedule")
+ParamGroup.__new__.__defaults__ = (1.0, None, True)
+ParamGroup.__doc__ = """One Trainer's worth of parameters.
+
+name: str, used for the trainer-state entry in checkpoints.
+params: gluon ParameterDict (or list of Parameters).
+lr_mult: learning rate = schedule lr * lr_mult (S3N's per-group multipliers).
+optimizer_params: dict overriding the optimizer settings for this group
+    (e.g. the center-loss centers: {'learning_rate': 0.5, 'momentum': 0, 'wd': 0}).
+follows_schedule: False keeps this group's learning rate fixed.
+"""
+
 
 KILL_ENV = "TRAINING_RUNTIME_KILL_AT_STEP"
 NAN_ENV = "TRAINING_RUNTIME_NAN_AT_STEP"
