@@ -4,6 +4,7 @@
     python train_attr.py --data-dir WIDER      # the original's setting (WIDER-Attribute, ResNet-101)
     python train_attr.py --test RUN_DIR        # test mAP, per-attribute APs, mA, acc, prec, rec, F1
     python train_attr.py --predict a.jpg b.jpg --weights RUN_DIR   # CSV of attribute probabilities
+    python train_attr.py --records DIR         # splits packed by python -m training_runtime.records
 
 Training follows the original: SGD (momentum 0.9, wd 5e-4, lr 1e-4, batch 24,
 250 epochs), one Trainer per block (backbone; fconv, fatt, fsr of each stage)
@@ -106,6 +107,10 @@ def resolve_defaults(args):
 # ---------------------------------------------------------------------------- data
 
 def load_split(args, split, limit):
+    """The ``split`` of --dataset: its images, or with --records DIR/<split>.rec."""
+    if args.records is not None:
+        from training_runtime.records import open_split
+        return open_split(args.records, split, "attr", args.dataset, limit)
     from imbalanced_attr.data import get_dataset
     opts = {"limit": limit}
     if args.skip_bad_images:
@@ -303,6 +308,7 @@ def load_for_inference(args, ctx, source, attribute_names=None):
 
 
 def run_test(args, ctx):
+    cli.use_records(args, "attr")
     if args.dataset is None:
         args.dataset = "wider" if args.data_dir else "fashion-mnist"
     test_set = load_split(args, "test", args.test_limit if args.test_limit is not None else (
@@ -351,6 +357,7 @@ def main(argv=None):
         return run_predict(args, ctx)
     if args.test is not None:
         return run_test(args, ctx)
+    cli.use_records(args, "attr")
     resolve_defaults(args)
     mx.random.seed(args.seed)  # parameter initialisation
     np.random.seed(args.seed)

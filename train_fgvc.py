@@ -3,6 +3,7 @@
     python train_fgvc.py --method mcloss                        # demo: Fashion-MNIST, CPU, minutes
     python train_fgvc.py --method s3n --dataset cub-s3n --data-dir CUB   # S3N's upstream setting
     python train_fgvc.py --test RUN_DIR                         # top-1 on the test split (per branch for S3N)
+    python train_fgvc.py --method mcloss --records DIR          # splits packed by training_runtime.records
 
 Every method is an fgvc_gluon FGVCMethod (fgvc_gluon/method.py): one SGD
 Trainer per parameter group (lr = schedule lr x the group's multiplier; the
@@ -247,7 +248,11 @@ def meta_of(args, options, dataset):
 # ---------------------------------------------------------------------------- data and evaluation
 
 def load_split(args, split, limit, flag):
-    """The ``split`` of --dataset; a reader's bad-split error names ``flag``."""
+    """The ``split`` of --dataset (images, or DIR/<split>.rec with --records DIR);
+    a reader's bad-split error names ``flag``."""
+    if args.records is not None:
+        from training_runtime.records import open_split
+        return open_split(args.records, split, "fgvc", args.dataset, limit)
     from fgvc_gluon.data import get_dataset
     opts = {"limit": limit}
     if args.skip_bad_images:
@@ -367,6 +372,7 @@ def run_test(args, ctx):
     if saved.get("script") != SCRIPT:
         raise UserError("--test: %s is a checkpoint of %s, not of %s" % (path, saved.get("script"), SCRIPT))
     args.method = saved["method"]
+    cli.use_records(args, "fgvc")
     args.dataset = args.dataset or saved["dataset"]
     signature = inspect.signature(method_module(args.method).build_method)
     options = {k: saved[k] for k in signature.parameters if k in saved and k not in NOT_OPTIONS}
@@ -393,6 +399,7 @@ def main(argv=None):
     ctx = cli.contexts(args)
     if args.test is not None:
         return run_test(args, ctx)
+    cli.use_records(args, "fgvc")
     resolve_defaults(args)
     options = build_options(args)
     if args.resume:

@@ -214,6 +214,12 @@ def test_record_round_trip_vector_and_class_labels(tmp_path):
     assert [back[i][1] for i in range(3)] == [5, 0, 199]
     assert all(isinstance(back[i][1], int) for i in range(3))
     assert back[2][0].shape == (16, 16, 3)
+    # the sidecar: no reader attributes here, so no task; the extra fields as given
+    assert back.meta == {"task": None, "count": 3}
+    pack_dataset(ImageListDataset(paths, [5, 0, 199]), prefix, meta={"split": "x"})
+    assert records.read_metadata(prefix) == {"task": None, "count": 3, "split": "x"}
+    with pytest.raises(UserError, match=r"cls\.json: records packed with --task None, expected --task fgvc"):
+        RecordDataset(prefix, task="fgvc")
 
 
 def test_record_errors(tmp_path):
@@ -230,7 +236,8 @@ def test_records_cli_help(capsys):
     with pytest.raises(SystemExit) as exit_info:
         records.main(["--help"])
     assert exit_info.value.code == 0
-    assert "--prefix" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "--prefix" in out and "--out-dir" in out and "--records" in out
 
 
 @pytest.mark.skipif(not os.path.isdir(FASHION_MNIST_DIR), reason="Fashion-MNIST not installed")
@@ -246,5 +253,10 @@ def test_records_cli_packs_fashion_mnist(tmp_path, capsys):
     for i in range(5):
         np.testing.assert_array_equal(back[i][1], original[i][1])
         assert back[i][0].shape == (28, 28, 3)
+    assert back.meta == {"task": "attr", "attribute_names": list(original.attribute_names),
+                         "count": 5, "dataset": "fashion-mnist", "split": "test"}
     code = records.main(["--task", "fgvc", "--dataset", "nope", "--prefix", prefix])
     assert code == 2 and "--dataset: expected one of" in capsys.readouterr().err
+    code = records.main(["--task", "fgvc", "--dataset", "fashion-mnist", "--split", "train", "test",
+                         "--prefix", prefix])
+    assert code == 2 and "--prefix: packs one split; use --out-dir" in capsys.readouterr().err

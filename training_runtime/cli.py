@@ -2,6 +2,7 @@
 
 - :func:`add_training_arguments`: the common flags (data, save dir, resume,
   devices, optimisation, checkpoints, smoke-run limits);
+- :func:`use_records`: ``--records DIR`` (splits packed by training_runtime.records);
 - :func:`contexts`: ``--gpus 0,1`` / ``--cpus N`` -> list of mx.Context;
 - :func:`prepare_save_dir`: default ``runs/<script>-<timestamp>``, refuses a
   directory that already holds a run unless ``--resume`` or ``--overwrite``,
@@ -36,6 +37,10 @@ def add_training_arguments(parser, defaults):
     d = defaults.get
     g = parser.add_argument_group("run")
     g.add_argument("--data-dir", default=None, help="dataset root (default: the embedded demo data)")
+    g.add_argument("--records", default=None, metavar="DIR",
+                   help="read each split from DIR/<split>.rec/.idx/.json instead of the images, as "
+                        "packed by python -m training_runtime.records --out-dir DIR (the dataset "
+                        "name comes from them unless --dataset is given)")
     g.add_argument("--save-dir", default=None,
                    help="output directory (default: runs/<script>-<timestamp>)")
     g.add_argument("--resume", nargs="?", const="last", default=None, metavar="CHECKPOINT",
@@ -71,6 +76,17 @@ def add_training_arguments(parser, defaults):
     g.add_argument("--log-every", type=int, default=20, metavar="K",
                    help="check the loss for NaN/inf and update the progress bar every K steps")
     return parser
+
+
+def use_records(args, task):
+    """With ``--records DIR``: refuse --data-dir, fill --dataset from DIR's records of ``task``."""
+    if args.records is None:
+        return
+    from . import records
+    if args.data_dir is not None:
+        raise UserError("--records and --data-dir: give one or the other (the records hold the images)")
+    if args.dataset is None:
+        args.dataset = records.packed_dataset_name(args.records, task)
 
 
 def check_positive(args, *names):
