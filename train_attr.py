@@ -74,11 +74,6 @@ def build_parser():
                         "(default original; demo imagenet)")
     g.add_argument("--mask-unspecified", action="store_true",
                    help="leave unspecified (0) labels out of the training loss")
-    g.add_argument("--skip-bad-images", action="store_true",
-                   help="drop missing/corrupt images (listed) instead of stopping")
-    g.add_argument("--train-limit", type=int, default=None, help="use the first N training images")
-    g.add_argument("--val-limit", type=int, default=None, help="use the first N validation images")
-    g.add_argument("--test-limit", type=int, default=None, help="use the first N test images")
     g = parser.add_argument_group("evaluation and prediction")
     g.add_argument("--test", nargs="?", const="", default=None, metavar="WEIGHTS",
                    help="only test: WEIGHTS is a checkpoint, a run directory (its best checkpoint) "

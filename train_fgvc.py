@@ -115,11 +115,6 @@ def build_parser():
     g.add_argument("--lr-factor", type=float, default=None, help="lr multiplier at each --lr-steps epoch")
     g.add_argument("--train-split", default=None, help="split to train on (see above)")
     g.add_argument("--val-split", default=None, help="split evaluated after every epoch (see above)")
-    g.add_argument("--skip-bad-images", action="store_true",
-                   help="drop missing/corrupt images (listed) instead of stopping")
-    g.add_argument("--train-limit", type=int, default=None, help="use the first N training images")
-    g.add_argument("--val-limit", type=int, default=None, help="use the first N validation images")
-    g.add_argument("--test-limit", type=int, default=None, help="use the first N test images")
     g = parser.add_argument_group("method knobs (default: the method's upstream values)")
     g.add_argument("--xi", type=int, default=None, help="mcloss: channels per class")
     g.add_argument("--alpha", type=float, default=None, help="mcloss: weight of L_dis")

@@ -75,6 +75,12 @@ def add_training_arguments(parser, defaults):
                         "writes a checkpoint and metrics")
     g.add_argument("--log-every", type=int, default=20, metavar="K",
                    help="check the loss for NaN/inf and update the progress bar every K steps")
+    g = parser.add_argument_group("data")
+    g.add_argument("--skip-bad-images", action="store_true",
+                   help="drop missing/corrupt images (listed) instead of stopping")
+    g.add_argument("--train-limit", type=int, default=None, help="use the first N training images")
+    g.add_argument("--val-limit", type=int, default=None, help="use the first N validation images")
+    g.add_argument("--test-limit", type=int, default=None, help="use the first N test images")
     return parser
 
 
