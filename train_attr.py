@@ -69,6 +69,10 @@ def build_parser():
     g.add_argument("--loss", choices=("paper", "original"), default="paper",
                    help="paper: weighted focal + history-weighted attention losses; original: "
                         "plain sigmoid BCE on every branch, as the original script ran")
+    g.add_argument("--stable-sigmoid", action="store_true",
+                   help="compute the losses' sigmoid and logs with sigmoid/log-sigmoid ops (finite "
+                        "gradients for any logit) instead of the original's naive 1/(1+exp(-x)), "
+                        "whose gradient is NaN below -88.7 (deviation from the original, off by default)")
     g.add_argument("--normalize", choices=("original", "imagenet"), default=None,
                    help="original: 0-255 minus (104, 117, 123); imagenet: mean/std on 0-1 "
                         "(default original; demo imagenet)")
@@ -191,8 +195,9 @@ class AttributeTask(object):
         else:
             ratios = losses.batch_ratios_from_labels(targets, self.attribute_names)
         plain = args.loss == "original"
-        self.main_loss = losses.WeightedFocalLoss(ratios, plain_bce=plain)
-        self.attention_loss = losses.AttentionHistoryLoss(plain_bce=plain)
+        stable = args.stable_sigmoid
+        self.main_loss = losses.WeightedFocalLoss(ratios, plain_bce=plain, stable=stable)
+        self.attention_loss = losses.AttentionHistoryLoss(plain_bce=plain, stable=stable)
         self.history = losses.PredictionHistory(len(train_set), num_classes, ctx=ctx[0])
         self.train_set = train_set.transform_first(transform(args, train=True))
         self.val_set = val_set.transform_first(transform(args, train=False))

@@ -90,10 +90,12 @@ def test_sync_batchnorm_on_cpu_contexts_is_refused():
         cli.contexts(args)
 
 
-def test_demo_loss_falls_on_real_images(tmp_path, fashion_mnist_dir):
+@pytest.mark.parametrize("loss", [["--loss", "paper"], ["--loss", "paper", "--stable-sigmoid"],
+                                  ["--loss", "original"]], ids=["paper", "paper-stable", "original"])
+def test_demo_loss_falls_on_real_images(tmp_path, fashion_mnist_dir, loss):
     save_dir = str(tmp_path / "run")
     run_attr(["--train-limit", "240", "--val-limit", "64", "--test-limit", "64", "--batch-size", "16",
-              "--lr", "0.01", "--epochs", "2", "--save-dir", save_dir, "--loss", "original"])
+              "--lr", "0.005", "--epochs", "2", "--save-dir", save_dir] + loss)
     lines = [json.loads(line) for line in open(os.path.join(save_dir, "metrics.jsonl"))]
     assert len(lines) == 2 and lines[1]["steps"] == 30
     assert lines[1]["train_loss"] < 0.85 * lines[0]["train_loss"], lines
