@@ -18,13 +18,13 @@ process built before), so the mapping is by structure: the zoo-relative
 names of the zoo layers, and for the heads a walk over their layers.
 """
 import os
-import tempfile
 from collections import OrderedDict
 
 import mxnet as mx
 from mxnet.base import MXNetError
 from mxnet.gluon import nn
 
+from training_runtime.checkpoint import replaced_atomically
 from training_runtime.errors import UserError
 
 # the original's SymbolBlock named the new output layer after the zoo's 'dense0'
@@ -104,15 +104,8 @@ def save_original_params(net, directory):
     for stem, params in original_layout(net).items():
         arrays = OrderedDict((name, _host_copy(p)) for name, p in params.items())
         path = os.path.join(directory, stem + ".params")
-        handle, tmp_path = tempfile.mkstemp(prefix="." + stem, suffix=".tmp", dir=directory)
-        os.close(handle)
-        try:
+        with replaced_atomically(path) as tmp_path:
             mx.nd.save(tmp_path, arrays)
-            os.replace(tmp_path, path)
-        except BaseException:
-            if os.path.exists(tmp_path):
-                os.remove(tmp_path)
-            raise
 
 
 def _read_params_file(path):

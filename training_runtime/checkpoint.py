@@ -28,6 +28,7 @@ and the directory fsync'ed; a crash at any point leaves the previous
 checkpoint intact. Free disk space is checked before anything is written.
 Parameters that are not finite are never written (:class:`DivergedError`).
 """
+import contextlib
 import json
 import os
 import random
@@ -90,15 +91,20 @@ def _write_npz(fileobj, arrays):
     np.savez(fileobj, **arrays)
 
 
-def atomic_write(path, arrays, needed_bytes):
-    """Write ``arrays`` as an npz at ``path`` atomically, after a disk-space check."""
+@contextlib.contextmanager
+def replaced_atomically(path):
+    """Yield a hidden temporary path beside ``path`` for the caller to write.
+
+    When the block succeeds the file is fsync'ed, ``os.replace``'d over
+    ``path`` and the directory fsync'ed; when it fails the temporary file is
+    removed. A crash at any point leaves the previous ``path`` intact.
+    """
     directory = os.path.dirname(os.path.abspath(path))
-    check_free_space(directory, needed_bytes)
     fd, tmp = tempfile.mkstemp(prefix=".%s.tmp-" % os.path.basename(path), dir=directory)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            _write_npz(f, arrays)
-            f.flush()
+        yield tmp
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
@@ -110,6 +116,14 @@ def atomic_write(path, arrays, needed_bytes):
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def atomic_write(path, arrays, needed_bytes):
+    """Write ``arrays`` as an npz at ``path`` atomically, after a disk-space check."""
+    check_free_space(os.path.dirname(os.path.abspath(path)), needed_bytes)
+    with replaced_atomically(path) as tmp:
+        with open(tmp, "wb") as f:
+            _write_npz(f, arrays)
 
 
 def capture(blocks, trainers, schedule, progress, meta, extra=None, workdir="."):
@@ -182,21 +196,14 @@ def link_atomic(source, destination):
     one) placed under a temporary name and ``os.replace``'d; a byte copy
     where links are not supported.
     """
-    directory = os.path.dirname(os.path.abspath(destination))
-    tmp = os.path.join(directory, ".%s.tmp-link-%d" % (os.path.basename(destination), os.getpid()))
-    try:
+    with replaced_atomically(destination) as tmp:
+        os.remove(tmp)  # os.link needs a free name
         try:
             os.link(source, tmp)
         except OSError:
-            check_free_space(directory, os.path.getsize(source) + SAFETY_BYTES)
+            check_free_space(os.path.dirname(os.path.abspath(destination)),
+                             os.path.getsize(source) + SAFETY_BYTES)
             shutil.copyfile(source, tmp)
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-        os.replace(tmp, destination)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def read(path, flag="--resume"):
