@@ -45,7 +45,6 @@ PA-100K (``PA100K(root, split)``): ``annotation.mat`` (in ``root`` or
 and ``{train,val,test}_label`` (0/1 -> -1/1); images under ``root/data/`` or
 ``root/release_data/release_data/``.
 """
-import json
 import os
 import random
 
@@ -58,7 +57,7 @@ from training_runtime import fashion_mnist
 from training_runtime.errors import UserError
 from training_runtime.images import (IMAGENET_MEAN, IMAGENET_STD, ImageListDataset,
                                      ArrayImageDataset, check_split,
-                                     first_existing, load_mat, mat_strings, open_text,
+                                     first_existing, load_json, load_mat, mat_strings, open_text,
                                      require_root)
 
 WIDER_ATTRIBUTES = ("Male", "longHair", "sunglass", "Hat", "Tshirt", "longSleeve", "formal",
@@ -168,11 +167,7 @@ def _wider_json_items(root, split):
     """(paths, labels, boxes, attribute names, json path, dropped box count) of one split."""
     part = "test" if split == "test" else "trainval"
     path = first_existing(_find_wider_json(root, part), "WIDER-Attribute %s annotations" % part)
-    try:
-        with open(path) as f:
-            data = json.load(f)
-    except ValueError as err:
-        raise UserError("%s: expected the WIDER-Attribute JSON annotations (%s)" % (path, err))
+    data = load_json(path, "the WIDER-Attribute JSON annotations")
     if not isinstance(data, dict) or "images" not in data:
         raise UserError("%s: expected a JSON object with an 'images' list" % path)
     names = WIDER_ATTRIBUTES

@@ -287,6 +287,16 @@ def load_mat(path):
         raise UserError("%s: expected a MATLAB .mat file (%s)" % (path, err))
 
 
+def load_json(path, expected):
+    """json.load of ``path``; UserError naming the file and ``expected`` when it is not JSON."""
+    import json
+    try:
+        with open_text(path) as f:
+            return json.load(f)
+    except ValueError as err:
+        raise UserError("%s: expected %s (%s)" % (path, expected, err))
+
+
 def mat_strings(cell):
     """Strings of a MATLAB cell/char array (any nesting, as loadmat returns them), in order."""
     if isinstance(cell, str):

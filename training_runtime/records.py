@@ -34,7 +34,7 @@ import mxnet as mx
 from mxnet.gluon.data import RecordFileDataset
 
 from .errors import UserError
-from .images import decode_image
+from .images import decode_image, load_json
 
 
 def _record_label(label):
@@ -102,11 +102,7 @@ def read_metadata(prefix):
     if not os.path.isfile(path):
         raise UserError("%s: record metadata not found (pack the split with python -m "
                         "training_runtime.records --out-dir DIR)" % path)
-    try:
-        with open(path) as f:
-            meta = json.load(f)
-    except ValueError as err:
-        raise UserError("%s: expected the JSON written by training_runtime.records (%s)" % (path, err))
+    meta = load_json(path, "the JSON written by training_runtime.records")
     if not isinstance(meta, dict) or "task" not in meta:
         raise UserError("%s: expected a JSON object with a 'task' field" % path)
     return meta
