@@ -13,7 +13,10 @@ setup(
                  "and of MC-Loss, S3N and center loss"),
     packages=find_packages(include=["imbalanced_attr*", "fgvc_gluon*", "training_runtime*"]),
     py_modules=["train_attr", "train_fgvc"],
-    python_requires=">=3.8",
+    python_requires=">=3.10",
+    # the task families the runtime finds by name (training_runtime.registry.families)
+    entry_points={"training_runtime.families": ["attr = imbalanced_attr.family:FAMILY",
+                                                 "fgvc = fgvc_gluon.family:FAMILY"]},
     install_requires=[
         "gluoncv==0.10.5.post0",
         "numpy<1.24",          # mxnet 1.9.1 breaks on numpy >= 1.24

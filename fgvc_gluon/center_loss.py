@@ -23,12 +23,16 @@ network (``backbone='lenet_pp'``, LeNet++ of the paper) has three stages of
 two 5×5 convs (32, 64, 128 channels) with PReLU and a 2×2 max-pool, then
 Dense(feat_dim=2) + PReLU as the features and a bias-free Dense(classes)
 (upstream's Oct. 2018 update) as the classifier. Model-zoo backbones
-(:data:`fgvc_gluon.baseline.BACKBONES`) use their ``features`` followed by the
+(:data:`fgvc_gluon.zoo.BACKBONES`) use their ``features`` followed by the
 same embedding and classifier; their feat_dim defaults to 512 (2 is the demo's
-choice for plotting).
+choice for plotting) and their image size to 448.
 
-``defaults`` keys are those of :mod:`fgvc_gluon.method`, as in the mcloss and
-baseline methods.
+Shapes: images N×3×S×S (S = 28 for lenet_pp) -> ``net`` -> (features
+N×feat_dim, logits N×K); :class:`CenterLoss` (features B×D, labels (B,)) ->
+(1,); training_loss -> (N,); predict -> the logits (one branch,
+``classifier``). The upstream settings are :data:`RECIPE`; ``defaults`` keys
+are those of :class:`fgvc_gluon.task.FGVCTask`, as in the mcloss and baseline
+methods. Wrong shapes and arguments raise ValueError naming the argument.
 
 Gradient bookkeeping in the method: the centers' gradient ignores the incoming
 gradient and is already divided by B, while the runtime calls
@@ -44,19 +48,24 @@ import mxnet as mx
 from mxnet import gluon, nd
 from mxnet.gluon import nn
 
-from training_runtime.errors import UserError
-
-from .baseline import BACKBONES as ZOO_BACKBONES
 from training_runtime.images import IMAGENET_MEAN, IMAGENET_STD
+from training_runtime.registry import Knob
 
-from .baseline import initialize_new_layers, model_zoo_network
-from .method import FGVCMethod, ParamGroup
+from .registry import register_method
+from .task import FGVCTask, ParamGroup, check_int, check_num_classes, optimisation_defaults
+from .zoo import BACKBONES as ZOO_BACKBONES
+from .zoo import check_backbone, initialize_new_layers, model_zoo_network
 
 DEMO_BACKBONE = "lenet_pp"
 BACKBONES = (DEMO_BACKBONE,) + ZOO_BACKBONES
 DEMO_FEAT_DIM = 2
 ZOO_FEAT_DIM = 512
+DEMO_IMAGE_SIZE, ZOO_IMAGE_SIZE = 28, 448
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
+#: upstream settings (jxgu1016/MNIST_center_loss_pytorch) as run-definition fields; image_size
+#: None = derived from the backbone (28 for lenet_pp, 448 for a model-zoo network)
+RECIPE = dict(backbone=DEMO_BACKBONE, image_size=None, lr=0.001, momentum=0.9, wd=5e-4,
+              batch_size=128, epochs=100, schedule="step", lr_steps=[20, 40, 60, 80], lr_factor=0.8)
 
 
 def _center_loss_with_upstream_gradients(features, centers, labels, denominator):
@@ -104,10 +113,10 @@ class CenterLoss(gluon.Block):
         batch = features.shape[0]
         features = features.reshape((batch, -1))
         if features.shape[1] != self.feat_dim:
-            raise UserError("CenterLoss features: expected %d values per sample (feat_dim), got %d"
-                            % (self.feat_dim, features.shape[1]))
+            raise ValueError("CenterLoss features: expected %d values per sample (feat_dim), got %d"
+                             % (self.feat_dim, features.shape[1]))
         if labels.shape != (batch,):
-            raise UserError("CenterLoss labels: expected shape (%d,), got %s" % (batch, labels.shape))
+            raise ValueError("CenterLoss labels: expected shape (%d,), got %s" % (batch, labels.shape))
         return _center_loss_with_upstream_gradients(
             features, self.centers.data(features.context), labels, batch if self.size_average else 1)
 
@@ -143,10 +152,10 @@ def lenet_plus_plus():
     return body
 
 
-class CenterLossMethod(FGVCMethod):
+class CenterLossMethod(FGVCTask):
     """Softmax CE + λ·center loss; the centers on their own fixed-lr SGD Trainer."""
 
-    name = "center_loss"
+    name = "centerloss"  # the registered method name
 
     def __init__(self, net, center_loss, loss_weight, center_lr, image_size, normalisation):
         self.net = net
@@ -156,10 +165,16 @@ class CenterLossMethod(FGVCMethod):
         self._ce = gluon.loss.SoftmaxCrossEntropyLoss()
         mean, std = normalisation
         self.defaults = dict(
-            lr=0.001, momentum=0.9, wd=5e-4, batch_size=128, epochs=100,
-            lr_steps=[20, 40, 60, 80], lr_factor=0.8,
+            optimisation_defaults(RECIPE),
             image_size=image_size, resize=None, train_crop="resize", crop_scale=None,
             pad=0, flip=False, mean=mean, std=std)
+
+    def blocks(self):
+        """``net`` and ``center_loss`` (the centers): the names train_fgvc.py always used."""
+        return OrderedDict([("net", self.net), ("center_loss", self.center_loss)])
+
+    def loss_blocks(self):
+        return (self._ce,)
 
     def param_groups(self):
         return [ParamGroup("net", self.net.collect_params()),
@@ -167,8 +182,9 @@ class CenterLossMethod(FGVCMethod):
                            optimizer_params={"learning_rate": self.center_lr, "momentum": 0.0, "wd": 0.0},
                            follows_schedule=False)]
 
-    def training_loss(self, data, label, epoch):
+    def training_loss(self, data, label, index, epoch):
         """Per-sample CE_i + λ·L_c/B, (N,): after ``step(B)`` the gradients are upstream's."""
+        label = self.class_labels(label)
         features, logits = self.net(data)
         center_sum = self.center_loss(features, label)  # size_average=False: Σ||x − c||²/2
         return self._ce(logits, label) + (self.loss_weight / data.shape[0]) * center_sum
@@ -177,34 +193,47 @@ class CenterLossMethod(FGVCMethod):
         return OrderedDict([("classifier", self.net(data)[1])])
 
 
-def build_method(num_classes, backbone=DEMO_BACKBONE, feat_dim=None, loss_weight=1.0, center_lr=0.5,
+def build_method(num_classes, backbone=RECIPE["backbone"], feat_dim=None, loss_weight=1.0, center_lr=0.5,
                  image_size=None, pretrained=False, ctx=None):
     """Center-loss method; feat_dim defaults to 2 for 'lenet_pp' (demo) and 512 for model-zoo backbones.
 
-    image_size defaults to 28 (MNIST) for the demo network and 448 otherwise.
+    image_size defaults to 28 (MNIST) for the demo network and 448 otherwise;
+    loss_weight is λ (>= 0), center_lr the centers' fixed lr (>= 0).
     Everything is initialised on ``ctx`` (default cpu).
     """
-    if int(num_classes) < 2:
-        raise UserError("center_loss: expected at least 2 classes, got %d" % num_classes)
+    num_classes = check_num_classes(num_classes, "center_loss")
+    check_backbone(backbone, BACKBONES, "center_loss")
     if backbone == DEMO_BACKBONE:
         if pretrained:
-            raise UserError("--pretrained: the center-loss demo network (lenet_pp) has no pretrained weights")
+            raise ValueError("pretrained: the center-loss demo network (lenet_pp) has no pretrained weights")
         body = lenet_plus_plus()
-        default_feat_dim, default_size = DEMO_FEAT_DIM, 28
+        default_feat_dim, default_size = DEMO_FEAT_DIM, DEMO_IMAGE_SIZE
         normalisation = ((MNIST_MEAN,) * 3, (MNIST_STD,) * 3)
-    elif backbone in ZOO_BACKBONES:
-        body = model_zoo_network(backbone, pretrained).features
-        default_feat_dim, default_size = ZOO_FEAT_DIM, 448
-        normalisation = (IMAGENET_MEAN, IMAGENET_STD)
     else:
-        raise UserError("--backbone: expected one of %s for center_loss, got %r"
-                        % (", ".join(BACKBONES), backbone))
-    feat_dim = default_feat_dim if feat_dim is None else int(feat_dim)
-    if feat_dim < 1:
-        raise UserError("--feat-dim: expected a positive feature dimension, got %d" % feat_dim)
-    net = CenterLossNetwork(body, int(num_classes), feat_dim)
+        body = model_zoo_network(backbone, pretrained).features
+        default_feat_dim, default_size = ZOO_FEAT_DIM, ZOO_IMAGE_SIZE
+        normalisation = (IMAGENET_MEAN, IMAGENET_STD)
+    feat_dim = default_feat_dim if feat_dim is None else check_int(feat_dim, "feat_dim", minimum=1)
+    image_size = default_size if image_size is None else check_int(image_size, "image_size", minimum=1)
+    for name, value in (("loss_weight", loss_weight), ("center_lr", center_lr)):
+        if not float(value) >= 0:
+            raise ValueError("%s: expected a non-negative number, got %r" % (name, value))
+    net = CenterLossNetwork(body, num_classes, feat_dim)
     initialize_new_layers(net, [net.embedding, net.output], pretrained, ctx)
     center_loss = CenterLoss(num_classes, feat_dim, size_average=False)
     center_loss.initialize(ctx=ctx or mx.cpu())
-    return CenterLossMethod(net, center_loss, loss_weight, center_lr,
-                            int(image_size or default_size), normalisation)
+    return CenterLossMethod(net, center_loss, loss_weight, center_lr, image_size, normalisation)
+
+
+register_method(
+    "centerloss", build_method,
+    knobs=[Knob("center_weight", float, 1.0, "lambda, the weight of the center loss", minimum=0.0,
+                keyword="loss_weight"),
+           Knob("center_lr", float, 0.5, "fixed lr of the centers (plain SGD)", minimum=0.0),
+           Knob("feat_dim", int, None, "feature dimension (default: 2 for lenet_pp, 512 for "
+                                       "model-zoo backbones)", minimum=1)],
+    recipe=RECIPE,
+    demo=dict(backbone=DEMO_BACKBONE, image_size=DEMO_IMAGE_SIZE, lr=0.01),
+    pretrained=False,
+    backbones=BACKBONES,
+    summary="center loss (ECCV 2016): softmax CE + lambda center loss, LeNet++ with 2-D features")

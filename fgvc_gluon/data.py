@@ -37,6 +37,12 @@ directory the archive extracts to):
 - Fashion-MNIST demo (``FashionMNISTClasses``, 'fashion-mnist'): 10 classes,
   28×28 grey images as 3 channels; splits of training_runtime.fashion_mnist.split_arrays
   (train = first 50,000, val = last 10,000 training images, test).
+
+Every name of :data:`DATASETS` is registered in :data:`fgvc_gluon.registry.DATASETS`
+(a :class:`training_runtime.registry.DatasetEntry`: reader ``(data_dir, split,
+**opts)`` = :func:`get_dataset`, and the default (train, evaluated every epoch,
+test) splits of :data:`SPLITS`: the upstream scripts evaluate on 'test' every
+epoch; the demo holds out 'val').
 """
 import os
 import random
@@ -49,12 +55,29 @@ from mxnet.gluon.data.vision import transforms, ImageFolderDataset
 
 from training_runtime import fashion_mnist
 from training_runtime.errors import UserError
+from training_runtime.registry import DatasetEntry
 from training_runtime.images import (IMAGENET_MEAN, IMAGENET_STD, ImageListDataset,
                                      ArrayImageDataset, check_split, crop_box,
                                      first_existing, load_image, load_mat, mat_strings,
                                      open_text, require_root)
 
+from . import registry
+
 DATASETS = ("cub", "cub-s3n", "aircraft", "cars", "flowers", "folder", "fashion-mnist")
+DEMO_DATASET = "fashion-mnist"
+#: (train split, split evaluated every epoch, test split) per dataset
+DEFAULT_SPLITS = ("train", "test", "test")
+SPLITS = {"fashion-mnist": ("train", "val", "test"), "aircraft": ("trainval", "test", "test"),
+          "flowers": ("trainval", "test", "test")}
+SUMMARIES = {
+    "cub": "CUB-200-2011 from its official list files (200 classes)",
+    "cub-s3n": "CUB-200-2011 from S3N's <split>.txt lists",
+    "aircraft": "FGVC-Aircraft, variant level (100 classes)",
+    "cars": "Stanford Cars from the devkit .mat files (196 classes)",
+    "flowers": "Oxford Flowers-102",
+    "folder": "one folder per class: root/<split>/<class>/<image>",
+    "fashion-mnist": "embedded demo: the 10 Fashion-MNIST classes",
+}
 CUB_CLASSES = 200
 AIRCRAFT_BANNER = 20  # pixels of copyright banner at the bottom of every aircraft image
 
@@ -428,3 +451,20 @@ def make_transform(defaults, train):
             steps.append(transforms.CenterCrop(size))
     steps += [transforms.ToTensor(), transforms.Normalize(mean, std)]
     return transforms.Compose(steps)
+
+
+# ----------------------------------------------------------------------------- registry
+
+def _reader(name):
+    """``reader(data_dir, split, **opts)`` of dataset ``name`` (:func:`get_dataset`)."""
+    def read(data_dir, split, **opts):
+        return get_dataset(name, data_dir, split, **opts)
+    read.__name__ = "read_" + name.replace("-", "_")
+    read.__doc__ = "get_dataset(%r, data_dir, split, **opts)" % name
+    return read
+
+
+for _name in DATASETS:
+    registry.DATASETS.register(DatasetEntry(_name, _reader(_name), SPLITS.get(_name, DEFAULT_SPLITS),
+                                            demo=_name == DEMO_DATASET, summary=SUMMARIES[_name]))
+del _name

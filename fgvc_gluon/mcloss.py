@@ -19,7 +19,7 @@ exactly 200 classes, drawing with Python's global ``random``, one mask shared
 by the whole batch and redrawn every call. :class:`MCLoss` generalises the
 rule: per class ``keep`` of ξ channels (default ``ceil(ξ/2)``, i.e. 2 of 3 as
 upstream), one mask for the batch, redrawn each call, drawn with numpy: by default from numpy's
-global generator, which train_fgvc.py reseeds from (--seed, epoch, step)
+global generator, which the training runtime reseeds from (seed, epoch, step)
 before every step (training_runtime.loop.reseed), so the masks are
 reproducible and an exact resume replays them; ``seed=`` gives the block its
 own ``numpy.random.RandomState`` instead. :func:`upstream_mask` replays upstream's Python-``random``
@@ -47,11 +47,17 @@ defaults, except that Conv/Dense biases start at 0):
 Both return ``(logits N×c, features N×cξ×H×W)`` in training mode
 (``autograd.is_training()``) and logits alone otherwise.
 
-Method defaults (the ``defaults`` keys of :mod:`fgvc_gluon.method`): SGD lr
-0.1, momentum 0.9, wd 5e-4, batch 32, 300 epochs, lr ×0.1 at 0-based epochs
-149 and 224 (upstream's 1-based ``epoch == 150`` / ``epoch == 225``), input
-resized to 224×224 (``resize`` None), ``train_crop`` 'pad_random' with
-``pad`` 4, flip, mean = std = (0.5, 0.5, 0.5).
+Method (:class:`MCLossMethod`, registered as 'mcloss'): images N×3×S×S ->
+``net`` -> logits N×c (and, in training, the N×cξ×H×W features); per-sample
+loss CE_i + α·L_dis_i + β·L_div_i, (N,). Upstream settings (:data:`RECIPE`,
+also the ``defaults`` keys of :class:`fgvc_gluon.task.FGVCTask`): vgg16_bn_mc
+at 224 from scratch, SGD lr 0.1, momentum 0.9, wd 5e-4, batch 32, 300 epochs,
+lr ×0.1 at 0-based epochs 149 and 224 (upstream's 1-based ``epoch == 150`` /
+``epoch == 225``), input resized to 224×224 (``resize`` None), ``train_crop``
+'pad_random' with ``pad`` 4, flip, mean = std = (0.5, 0.5, 0.5).
+
+Errors: wrong shapes, types and out-of-range arguments raise ValueError or
+TypeError naming the argument.
 """
 import math
 import random
@@ -63,11 +69,16 @@ from mxnet import autograd, gluon, nd
 from mxnet.gluon import nn
 from mxnet.gluon.model_zoo.vision.resnet import BasicBlockV1
 
-from training_runtime.errors import UserError
+from training_runtime.registry import Knob
 
-from .method import FGVCMethod, ParamGroup
+from .registry import register_method
+from .task import FGVCTask, ParamGroup, check_int, check_num_classes, optimisation_defaults
 
 BACKBONES = ("vgg16_bn_mc", "resnet18_mc")
+#: upstream settings (PRIS-CV/Mutual-Channel-Loss, CUB) as run-definition fields
+RECIPE = dict(backbone="vgg16_bn_mc", image_size=224, lr=0.1, momentum=0.9, wd=5e-4, batch_size=32,
+              epochs=300, schedule="step", lr_steps=[149, 224], lr_factor=0.1)
+MIN_IMAGE_SIZE = 32
 MC = "MC"  # placeholder for the c·ξ-channel layers in the VGG layout
 VGG16_MC_LAYOUT = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, MC, "M", 512, 512, MC)
 CLASSIFIER_HIDDEN = 512  # upstream model_bn(feature_size=512)
@@ -116,15 +127,16 @@ def _as_nd(array, ctx, what):
     try:
         return nd.array(np.asarray(array), ctx=ctx, dtype=np.float32)
     except (TypeError, ValueError) as err:
-        raise UserError("mc_loss %s: expected a numeric array (%s)" % (what, err))
+        raise TypeError("mc_loss %s: expected a numeric array (%s)" % (what, err))
 
 
 def _check_features(features, expected_channels, how):
     if len(features.shape) != 4:
-        raise UserError("mc_loss features: expected N x C x H x W, got shape %s" % (features.shape,))
+        raise ValueError("mc_loss features: expected N x C x H x W, got shape %s"
+                         % (features.shape,))
     if features.shape[1] != expected_channels:
-        raise UserError("mc_loss features: expected %d channels (%s), got %d"
-                        % (expected_channels, how, features.shape[1]))
+        raise ValueError("mc_loss features: expected %d channels (%s), got %d"
+                         % (expected_channels, how, features.shape[1]))
 
 
 def mc_loss(features, labels, xi, mask):
@@ -142,14 +154,15 @@ def mc_loss(features, labels, xi, mask):
     mask = _as_nd(mask, ctx, "mask").astype(features.dtype)
     xi = int(xi)
     if xi < 1:
-        raise UserError("mc_loss xi: expected a positive channel count per class, got %d" % xi)
+        raise ValueError("mc_loss xi: expected a positive channel count per class, got %d" % xi)
     if len(mask.shape) != 4 or mask.shape[1] % xi or mask.shape[2:] != (1, 1):
-        raise UserError("mc_loss mask: expected N x (c*xi) x 1 x 1 with xi=%d, got shape %s"
-                        % (xi, mask.shape))
+        raise ValueError("mc_loss mask: expected N x (c*xi) x 1 x 1 with xi=%d, got shape %s"
+                         % (xi, mask.shape))
     num_classes = mask.shape[1] // xi
     _check_features(features, num_classes * xi, "c*xi = %d classes x xi=%d, from the mask" % (num_classes, xi))
     if labels.shape != (features.shape[0],):
-        raise UserError("mc_loss labels: expected shape (%d,), got %s" % (features.shape[0], labels.shape))
+        raise ValueError("mc_loss labels: expected shape (%d,), got %s"
+                         % (features.shape[0], labels.shape))
     l_dis, l_div = _mc_terms(nd, features, labels, mask, xi)
     return l_dis.mean(), l_div.mean()
 
@@ -194,7 +207,7 @@ class MCLoss(gluon.Block):
         self.alpha, self.beta = float(alpha), float(beta)
         self.keep = default_keep(self.xi) if keep is None else int(keep)
         if not 1 <= self.keep <= self.xi:
-            raise UserError("MCLoss keep: expected 1 <= keep <= xi=%d, got %d" % (self.xi, self.keep))
+            raise ValueError("MCLoss keep: expected 1 <= keep <= xi=%d, got %d" % (self.xi, self.keep))
         # numpy's global generator follows the runtime's per-step reseeding (exact resume)
         self._rng = np.random if seed is None else np.random.RandomState(seed)
         self.loss_dis = self.loss_div = self.last_mask = None
@@ -325,7 +338,7 @@ _NETWORKS = {"vgg16_bn_mc": vgg16_bn_mc, "resnet18_mc": resnet18_mc}
 
 # ---------------------------------------------------------------- method adapter
 
-class MCLossMethod(FGVCMethod):
+class MCLossMethod(FGVCTask):
     """CE(classifier) + α·L_dis + β·L_div; one Trainer for the whole net (upstream's groups share one lr)."""
 
     name = "mcloss"
@@ -335,16 +348,19 @@ class MCLossMethod(FGVCMethod):
         self.mc_loss = mc_loss_block
         self._ce = gluon.loss.SoftmaxCrossEntropyLoss()
         self.defaults = dict(
-            lr=0.1, momentum=0.9, wd=5e-4, batch_size=32, epochs=300,
-            lr_steps=[149, 224], lr_factor=0.1,
+            optimisation_defaults(RECIPE),
             image_size=image_size, resize=None, train_crop="pad_random", crop_scale=None,
             pad=4, flip=True, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+
+    def loss_blocks(self):
+        return (self.mc_loss, self._ce)
 
     def param_groups(self):
         return [ParamGroup("net", self.net.collect_params())]
 
-    def training_loss(self, data, label, epoch):
+    def training_loss(self, data, label, index, epoch):
         """Per-sample CE_i + α·L_dis_i + β·L_div_i, (N,): its batch mean is upstream's loss."""
+        label = self.class_labels(label)
         logits, feature_maps = self.net(data)
         l_dis, l_div = self.mc_loss.terms(feature_maps, label)
         return self._ce(logits, label) + self.mc_loss.alpha * l_dis + self.mc_loss.beta * l_div
@@ -353,20 +369,42 @@ class MCLossMethod(FGVCMethod):
         return OrderedDict([("classifier", self.net(data))])
 
 
-def build_method(num_classes, backbone="vgg16_bn_mc", xi=3, alpha=1.5, beta=20.0, image_size=224,
-                 pretrained=False, width=1.0, keep=None, seed=None, ctx=None):
-    """MC-Loss method: ``backbone`` in BACKBONES, c·ξ = num_classes·xi MC channels, initialised on ``ctx``."""
+def build_method(num_classes, backbone=RECIPE["backbone"], xi=3, alpha=1.5, beta=20.0,
+                 image_size=RECIPE["image_size"], pretrained=False, width=1.0, keep=None, seed=None,
+                 ctx=None):
+    """MC-Loss method: ``backbone`` in BACKBONES, c·ξ = num_classes·xi MC channels, initialised on ``ctx``.
+
+    xi: channels per class (>= 1); alpha, beta: weights of L_dis and L_div;
+    image_size: >= 32; width: multiplier (> 0) of the non-MC conv widths;
+    keep: channels kept per class by the mask (default ceil(xi/2)); seed: the
+    mask generator's own seed (default numpy's global generator). The
+    networks have no ImageNet weights: ``pretrained`` must be False.
+    """
+    num_classes = check_num_classes(num_classes, "mcloss")
     if backbone not in _NETWORKS:
-        raise UserError("--backbone: expected one of %s for mcloss, got %r" % (", ".join(BACKBONES), backbone))
+        raise ValueError("backbone: expected one of %s for mcloss, got %r"
+                         % (", ".join(BACKBONES), backbone))
     if pretrained:
-        raise UserError("--pretrained: the MC-Loss networks are trained from scratch as upstream "
-                        "(their c*xi-channel layers have no model-zoo weights)")
-    if int(image_size) < 32:
-        raise UserError("--image-size: expected at least 32 for %s, got %d" % (backbone, image_size))
-    if int(num_classes) < 2 or int(xi) < 1:
-        raise UserError("mcloss: expected num_classes >= 2 and xi >= 1, got %d and %d" % (num_classes, xi))
+        raise ValueError("pretrained: the MC-Loss networks are trained from scratch as upstream "
+                         "(their c*xi-channel layers have no model-zoo weights)")
+    image_size = check_int(image_size, "image_size", minimum=MIN_IMAGE_SIZE, owner=backbone)
+    xi = check_int(xi, "xi", minimum=1)
     if not width > 0:
-        raise UserError("--width: expected a positive width multiplier, got %r" % (width,))
-    net = _NETWORKS[backbone](int(num_classes), int(xi), width, ctx=ctx)
+        raise ValueError("width: expected a positive width multiplier, got %r" % (width,))
+    net = _NETWORKS[backbone](num_classes, xi, width, ctx=ctx)
     block = MCLoss(num_classes, xi, alpha=alpha, beta=beta, keep=keep, seed=seed)
-    return MCLossMethod(net, block, int(image_size))
+    return MCLossMethod(net, block, image_size)
+
+
+register_method(
+    "mcloss", build_method,
+    knobs=[Knob("xi", int, 3, "channels per class", minimum=1),
+           Knob("alpha", float, 1.5, "weight of L_dis", minimum=0.0),
+           Knob("beta", float, 20.0, "weight of L_div", minimum=0.0),
+           Knob("width", float, 1.0, "width multiplier of the non-MC convs (> 0; demo 0.25)",
+                minimum=0.01)],
+    recipe=RECIPE,
+    demo=dict(backbone="resnet18_mc", width=0.25, image_size=32, lr=0.05),
+    pretrained=False,
+    backbones=BACKBONES,
+    summary="Mutual-Channel loss (TIP 2020): CE + alpha L_dis + beta L_div on c*xi-channel features")

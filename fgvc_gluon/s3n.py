@@ -1,8 +1,8 @@
 """S3N, Selective Sparse Sampling (Ding et al., ICCV 2019), ported to Gluon.
 
 Upstream: ``Yao-DD/S3N`` (PyTorch 0.4.1), ``sss_net.py`` and ``losses.py``.
-Design reference: ``SPEC.md`` §2.2; the quirks S3N-1 … S3N-16 are those of
-``golden/MANIFEST.md``.
+Design reference: ``docs/SPEC.md`` §2.2; the quirks S3N-1 … S3N-16 are those of
+``tests/golden/MANIFEST.md`` (indexed in ``docs/SPEC.md``).
 
 What lives here
 ---------------
@@ -15,8 +15,16 @@ What lives here
   ``w_i · K_i`` is one batched matrix product per map (see
   :func:`_sparse_attention`).
 - :class:`S3N`: the whole network (a HybridBlock; ``net(x, p)``).
-- :func:`multi_smooth_loss`: the upstream criterion.
-- :func:`build_method`: the :class:`~fgvc_gluon.method.FGVCMethod` adapter.
+- :func:`multi_smooth_loss`, :func:`smooth_loss`: the upstream criterion (they
+  live in :mod:`fgvc_gluon.losses`, re-exported here).
+- :class:`S3NMethod` / :func:`build_method`: the :class:`~fgvc_gluon.task.FGVCTask`
+  registered as 's3n' (upstream settings in :data:`RECIPE`).
+
+Shapes: images N×3×S×S; backbone features N×F×h×w; class response maps and
+saliency maps on the 31×31 grid; the network returns four N×K logits
+(concat, raw, zoom, complementary); training_loss -> (N,); predict -> the
+four branches, ``concat`` first. Wrong shapes, types and arguments raise
+ValueError or TypeError naming the argument.
 
 Behaviour that differs from upstream (each documented where it happens)
 -----------------------------------------------------------------------
@@ -39,11 +47,14 @@ import numpy as np
 from mxnet import gluon, nd
 from mxnet.gluon import nn
 
-from training_runtime.errors import UserError
 from training_runtime.images import IMAGENET_MEAN, IMAGENET_STD
+from training_runtime.registry import Knob
 
 from .data import s3n_test_resize
-from .method import FGVCMethod, ParamGroup
+from .losses import SMOOTH_RATIO, multi_smooth_loss, smooth_loss, smooth_ratio_knob
+from .registry import register_method
+from .task import FGVCTask, ParamGroup, check_int, check_num_classes, optimisation_defaults
+from .zoo import RESNET_BACKBONES, check_backbone, model_zoo_network
 
 GRID_SIZE = 31            # side of the class response maps and saliency maps (S3N-10)
 PADDING = 30              # replicate padding before the sampler's Gaussian filter
@@ -53,9 +64,14 @@ FILTER_FWHM = 13
 GATE_THRESHOLD = -0.2     # sum of p log p over the top-5 classes (S3N-13)
 GATE_TOP = 5
 MODES = (0, 1, 2)
+#: the backbones S3N accepts: the model-zoo ResNets (their last stage gives the N×F×h×w maps)
+BACKBONES = RESNET_BACKBONES
+#: upstream settings (Yao-DD/S3N demo/cub_s3n.yml) as run-definition fields
+RECIPE = dict(backbone="resnet50_v1", image_size=448, lr=0.001, momentum=0.9, wd=1e-4, batch_size=16,
+              epochs=60, schedule="step", lr_steps=[39], lr_factor=0.1)
 
 __all__ = ["make_gaussian", "gaussian_kernel", "mean_threshold", "find_peaks", "create_grid", "generate_map",
-           "multi_smooth_loss", "smooth_loss", "S3N", "S3NMethod", "build_method"]
+           "multi_smooth_loss", "smooth_loss", "S3N", "S3NMethod", "build_method", "BACKBONES", "RECIPE"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -69,7 +85,8 @@ def make_gaussian(size, fwhm=3, center=None):
     with x0 the column; None → ``size // 2`` for both.
     """
     if not isinstance(size, numbers.Integral) or size < 1:
-        raise UserError("make_gaussian size: expected a positive int, got %r" % (size,))
+        raise (ValueError if isinstance(size, numbers.Integral) else TypeError)(
+            "make_gaussian size: expected a positive int, got %r" % (size,))
     cols = np.arange(0, size, 1, float)
     rows = cols[:, np.newaxis]
     if center is None:
@@ -88,7 +105,8 @@ def gaussian_kernel(theta, size, offset=None):
     differentiable with respect to theta.
     """
     if not isinstance(size, numbers.Integral) or size < 1:
-        raise UserError("gaussian_kernel size: expected a positive int, got %r" % (size,))
+        raise (ValueError if isinstance(size, numbers.Integral) else TypeError)(
+            "gaussian_kernel size: expected a positive int, got %r" % (size,))
     if not isinstance(theta, nd.NDArray):
         theta = nd.array(np.reshape(np.asarray(theta, np.float32), (1,)))
     cols, rows = np.meshgrid(np.arange(0, size), np.arange(0, size))
@@ -151,11 +169,12 @@ def find_peaks(maps, win_size=3, mean_filter=True):
     upstream's custom one, ``peak_map · g / (num_peaks + 1e-6)``.
     """
     if not isinstance(win_size, numbers.Integral) or win_size < 1 or win_size % 2 == 0:
-        raise UserError("find_peaks win_size: expected an odd positive int, got %r" % (win_size,))
+        raise (ValueError if isinstance(win_size, numbers.Integral) else TypeError)(
+            "find_peaks win_size: expected an odd positive int, got %r" % (win_size,))
     if not isinstance(maps, nd.NDArray):
         maps = nd.array(np.asarray(maps, np.float32))
     if maps.ndim != 4:
-        raise UserError("find_peaks maps: expected N×C×H×W, got shape %s" % (maps.shape,))
+        raise ValueError("find_peaks maps: expected N×C×H×W, got shape %s" % (maps.shape,))
     height, width = maps.shape[2:]
     values = maps.detach()
     peak_map = _peak_mask(nd, values, win_size, height, width)
@@ -246,8 +265,8 @@ def create_grid(saliency_padded, input_size, filter_weight=None):
     if not isinstance(saliency_padded, nd.NDArray):
         saliency_padded = nd.array(np.asarray(saliency_padded, np.float32))
     if saliency_padded.ndim != 4 or saliency_padded.shape[1:] != (1, GLOBAL_SIZE, GLOBAL_SIZE):
-        raise UserError("create_grid saliency_padded: expected N×1×%d×%d, got shape %s"
-                        % (GLOBAL_SIZE, GLOBAL_SIZE, saliency_padded.shape))
+        raise ValueError("create_grid saliency_padded: expected N×1×%d×%d, got shape %s"
+                         % (GLOBAL_SIZE, GLOBAL_SIZE, saliency_padded.shape))
     if filter_weight is None:
         filter_weight = _default_filter(saliency_padded.context, saliency_padded.dtype)
     grid = _saliency_grid(nd, saliency_padded,
@@ -392,17 +411,18 @@ def generate_map(images, class_response_maps, p, base_ratio, radius, radius_inv,
     intermediates (see :func:`_generate`).
     """
     if not isinstance(images, nd.NDArray) or images.ndim != 4:
-        raise UserError("generate_map images: expected an N×C×H×W NDArray, got %r"
-                        % (getattr(images, "shape", type(images)),))
+        raise (ValueError if isinstance(images, nd.NDArray) else TypeError)(
+            "generate_map images: expected an N×C×H×W NDArray, got %r"
+            % (getattr(images, "shape", type(images)),))
     if not isinstance(class_response_maps, nd.NDArray):
         class_response_maps = nd.array(np.asarray(class_response_maps), dtype=images.dtype)
     crm_shape = class_response_maps.shape
     if (len(crm_shape) != 4 or crm_shape[0] != images.shape[0]
             or crm_shape[2:] != (GRID_SIZE, GRID_SIZE)):
-        raise UserError("generate_map class_response_maps: expected %d×K×%d×%d, got shape %s"
-                        % (images.shape[0], GRID_SIZE, GRID_SIZE, crm_shape))
+        raise ValueError("generate_map class_response_maps: expected %d×K×%d×%d, got shape %s"
+                         % (images.shape[0], GRID_SIZE, GRID_SIZE, crm_shape))
     if p not in MODES:
-        raise UserError("generate_map p: expected 0, 1 or 2, got %r" % (p,))
+        raise ValueError("generate_map p: expected 0, 1 or 2, got %r" % (p,))
     ctx, dtype = images.context, np.dtype(images.dtype).name
     if filter_weight is None:
         filter_weight = _default_filter(ctx, dtype)
@@ -417,68 +437,12 @@ def generate_map(images, class_response_maps, p, base_ratio, radius, radius_inv,
 
 
 # ----------------------------------------------------------------------------------------------
-# Loss
-# ----------------------------------------------------------------------------------------------
-
-def smooth_loss(logits, labels, smooth_ratio=0.85):
-    """Upstream ``smooth_loss`` per sample: logits N×K, labels (N,) → (N,).
-
-    Cross entropy against the target smooth_ratio on the label and
-    (1 − smooth_ratio)/(K − 1) on every other class. Upstream takes K from
-    ``len(input[1])`` (the second ROW, whose length is K) and so fails for a
-    batch of one (S3N-15); we take K from the class axis.
-    """
-    num_classes = logits.shape[1]
-    target = nd.one_hot(labels, num_classes)
-    target = smooth_ratio * target + (1 - smooth_ratio) * (1 - target) / (num_classes - 1)
-    return -nd.sum(nd.log_softmax(logits, axis=1) * target, axis=1)
-
-
-def multi_smooth_loss(outputs, labels, smooth_ratio=0.85, loss_weight=None, per_sample=False):
-    """Upstream ``multi_smooth_loss`` (S3N-14): Σ_i w_i · loss_i over the outputs.
-
-    outputs: sequence of N×K logits (S3N's order: concat, raw, zoom,
-    complementary); labels: (N,) class indices. Outputs at index 1 and at the
-    last index use label smoothing (target smooth_ratio, every other class
-    (1 − smooth_ratio)/(K − 1)); the others plain softmax cross entropy.
-    loss_weight: dict branch index (int, or a str passed through int() as
-    upstream) → weight, default 1. Returns the batch mean, shape (1,), as
-    upstream; with ``per_sample=True`` the (N,) per-sample losses whose mean
-    is that value.
-    """
-    if not isinstance(outputs, (tuple, list)) or len(outputs) < 2:
-        raise UserError("multi_smooth_loss outputs: expected a tuple of at least 2 logit arrays")
-    weights = [1.0] * len(outputs)
-    for key, value in (loss_weight or {}).items():
-        try:
-            index = int(key)
-        except (TypeError, ValueError):
-            raise UserError("multi_smooth_loss loss_weight: expected int branch indices, got %r" % (key,))
-        if not 0 <= index < len(outputs):
-            raise UserError("multi_smooth_loss loss_weight: branch index %d out of range 0..%d"
-                            % (index, len(outputs) - 1))
-        weights[index] = float(value)
-    smoothed = {1, len(outputs) - 1}
-    total = 0
-    for index, logits in enumerate(outputs):
-        if index in smoothed:
-            branch = smooth_loss(logits, labels, smooth_ratio)
-        else:
-            branch = -nd.pick(nd.log_softmax(logits, axis=1), labels, axis=1)
-        total = total + weights[index] * branch
-    return total if per_sample else nd.mean(total).reshape((1,))
-
-
-# ----------------------------------------------------------------------------------------------
 # The network
 # ----------------------------------------------------------------------------------------------
 
 def _zoo_features(backbone, pretrained):
     """Model-zoo ResNet features without the global pooling, and their channel count."""
-    names = ["resnet%d_v%d" % (depth, version) for depth in (18, 34, 50, 101, 152) for version in (1, 2)]
-    if backbone not in names:
-        raise UserError("--backbone: expected one of %s for S3N, got %r" % (", ".join(names), backbone))
-    from .baseline import model_zoo_network  # here: baseline imports this module's smooth_loss
+    check_backbone(backbone, BACKBONES, "S3N")
     net = model_zoo_network(backbone, pretrained)
     features = nn.HybridSequential(prefix="")
     layers = list(net.features)
@@ -508,10 +472,11 @@ class S3N(gluon.HybridBlock):
     def __init__(self, num_classes, backbone="resnet50_v1", pretrained=False, image_size=448,
                  radius=0.09, radius_inv=0.3, base_ratio=0.09, num_features=None, **kwargs):
         super(S3N, self).__init__(**kwargs)
-        if not isinstance(num_classes, numbers.Integral) or num_classes < 2:
-            raise UserError("num_classes: expected an int >= 2 for S3N, got %r" % (num_classes,))
-        if not isinstance(image_size, numbers.Integral) or image_size < 1:
-            raise UserError("--image-size: expected a positive int, got %r" % (image_size,))
+        for name, value, minimum in (("num_classes", num_classes, 2), ("image_size", image_size, 1)):
+            if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+                raise TypeError("%s: expected an int >= %d for S3N, got %r" % (name, minimum, value))
+            if value < minimum:
+                raise ValueError("%s: expected an int >= %d for S3N, got %r" % (name, minimum, value))
         self.num_classes = num_classes
         self.image_size = image_size
         self.dtype = "float32"
@@ -519,7 +484,7 @@ class S3N(gluon.HybridBlock):
         with self.name_scope():
             if isinstance(backbone, gluon.Block):
                 if not num_features:
-                    raise UserError("S3N num_features: expected the channel count of the custom backbone")
+                    raise ValueError("S3N num_features: expected the channel count of the custom backbone")
                 self.features = backbone
             else:
                 self.features, zoo_features = _zoo_features(backbone, pretrained)
@@ -565,7 +530,7 @@ class S3N(gluon.HybridBlock):
         """Accept the mode as a Python int (converted to an NDArray (1,) on x's device)."""
         if isinstance(x, nd.NDArray) and not isinstance(p, nd.NDArray):
             if p not in MODES:
-                raise UserError("S3N p: expected 0, 1 or 2, got %r" % (p,))
+                raise ValueError("S3N p: expected 0, 1 or 2, got %r" % (p,))
             p = nd.array([p], ctx=x.context, dtype=x.dtype)
         return super(S3N, self).forward(x, p, *args)
 
@@ -628,36 +593,36 @@ def evaluation_mode(epoch):
     return 1 if epoch <= STAGE_EPOCH else 2
 
 
-class S3NMethod(FGVCMethod):
-    """S3N for train_fgvc.py: the network, its parameter groups, loss and branches."""
+class S3NMethod(FGVCTask):
+    """S3N as a task: the network, its parameter groups, loss and branches."""
 
     name = "s3n"
     BRANCHES = ("concat", "raw", "zoom", "complementary")
 
-    def __init__(self, net, smooth_ratio=0.85, loss_weight=None, image_size=448):
+    def __init__(self, net, smooth_ratio=SMOOTH_RATIO, loss_weight=None, image_size=RECIPE["image_size"]):
         self.net = net
         self.smooth_ratio = smooth_ratio
         self.loss_weight = loss_weight
-        self.defaults = {
-            "lr": 0.001, "momentum": 0.9, "wd": 1e-4, "batch_size": 16, "epochs": 60,
-            # upstream update_lr(epoch_step=40) fires at the start of 0-based epoch 39
-            "lr_steps": [39], "lr_factor": 0.1,
+        # upstream update_lr(epoch_step=40) fires at the start of 0-based epoch 39: lr_steps [39]
+        self.defaults = dict(optimisation_defaults(RECIPE))
+        self.defaults.update({
             "image_size": image_size,
             "resize": s3n_test_resize(image_size),
             "train_crop": "random_resized", "crop_scale": (0.5, 1.0), "flip": True,
             "mean": IMAGENET_MEAN, "std": IMAGENET_STD,
-        }
+        })
 
     def param_groups(self):
         return [ParamGroup(name, params, LR_MULTIPLIERS[name])
                 for name, params in self.net.param_groups().items() if params]
 
-    def training_loss(self, data, label, epoch):
+    def training_loss(self, data, label, index, epoch):
         """Per-sample multi_smooth_loss (N,) of the four outputs, mode p by the schedule.
 
         Upstream's loss is the batch mean of this; ``trainer.step(batch_size)``
         on the sum of the per-sample losses gives the same update.
         """
+        label = self.class_labels(label)
         outputs = self.net(data, training_mode(epoch))
         return multi_smooth_loss(outputs, label, self.smooth_ratio, self.loss_weight, per_sample=True)
 
@@ -666,15 +631,28 @@ class S3NMethod(FGVCMethod):
         return OrderedDict(zip(self.BRANCHES, outputs))
 
 
-def build_method(num_classes, backbone="resnet50_v1", pretrained=False, image_size=448,
-                 radius=0.09, radius_inv=0.3, base_ratio=0.09, smooth_ratio=0.85,
+def build_method(num_classes, backbone=RECIPE["backbone"], pretrained=False, image_size=RECIPE["image_size"],
+                 radius=0.09, radius_inv=0.3, base_ratio=0.09, smooth_ratio=SMOOTH_RATIO,
                  loss_weight=None, ctx=None, hybridize=True):
-    """S3N as an :class:`FGVCMethod`, initialised on ``ctx`` (a context or a list; default cpu).
+    """S3N as an :class:`~fgvc_gluon.task.FGVCTask`, initialised on ``ctx`` (a context or a list;
+    default cpu).
 
     New layers (and the backbone when not pretrained) are initialised Xavier
     (gaussian, 'in', magnitude 2); radius, radius_inv and filter start at
     their upstream values (CUB config: 0.09, 0.3, makeGaussian(61, 13)).
+    radius, radius_inv: > 0; base_ratio: >= 0; smooth_ratio: [0, 1] or None
+    (plain cross entropy on the smoothed branches); loss_weight: branch index
+    -> weight (see :func:`multi_smooth_loss`).
     """
+    num_classes = check_num_classes(num_classes, "S3N")
+    image_size = check_int(image_size, "image_size", minimum=1, owner="S3N")
+    for name, value in (("radius", radius), ("radius_inv", radius_inv)):
+        if not float(value) > 0:
+            raise ValueError("%s: expected a positive initial scale, got %r" % (name, value))
+    if not float(base_ratio) >= 0:
+        raise ValueError("base_ratio: expected a non-negative value, got %r" % (base_ratio,))
+    if smooth_ratio is not None and not 0.0 <= float(smooth_ratio) <= 1.0:
+        raise ValueError("smooth_ratio: expected a value in [0, 1] or None, got %r" % (smooth_ratio,))
     net = S3N(num_classes, backbone=backbone, pretrained=pretrained, image_size=image_size,
               radius=radius, radius_inv=radius_inv, base_ratio=base_ratio)
     ctx = ctx or mx.cpu()
@@ -683,3 +661,17 @@ def build_method(num_classes, backbone="resnet50_v1", pretrained=False, image_si
     if hybridize:
         net.hybridize()
     return S3NMethod(net, smooth_ratio=smooth_ratio, loss_weight=loss_weight, image_size=image_size)
+
+
+register_method(
+    "s3n", build_method,
+    knobs=[Knob("radius", float, 0.09, "initial radius (> 0)", minimum=1e-6),
+           Knob("radius_inv", float, 0.3, "initial radius_inv (> 0)", minimum=1e-6),
+           Knob("base_ratio", float, 0.09, "base ratio of the maps", minimum=0.0),
+           smooth_ratio_knob()],
+    recipe=RECIPE,
+    demo=dict(backbone="resnet18_v1", image_size=48, lr=0.001, train_limit=1000, val_limit=500),
+    pretrained=True,
+    backbones=BACKBONES,
+    summary="Selective Sparse Sampling (ICCV 2019): zoomed and complementary views of a ResNet, "
+            "four classifiers")

@@ -25,6 +25,10 @@ its parameters are named ``dense1_*`` in the original's files.
 Because the zoo blocks are reused as they are, their parameter names keep the
 zoo prefix (``resnetv1N_…`` / ``densenetN_…``); ``TapBackbone.zoo_prefix``
 records it so that ``params_io`` can write the original's names.
+
+Errors: an unknown backbone name, a bad ``num_classes`` or ``input_size``
+raise ValueError / TypeError naming the argument; only a failed download of
+the ImageNet weights (the environment) is a UserError.
 """
 import mxnet as mx
 from mxnet.base import MXNetError
@@ -157,6 +161,14 @@ def complete_param_shapes(block, data_shape):
     return [tuple(s) for s in out_shapes]
 
 
+def _check_positive_int(value, name):
+    """TypeError unless ``value`` is an int (not a bool), ValueError unless it is >= 1."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError("%s: expected a positive integer, got %r" % (name, value))
+    if value < 1:
+        raise ValueError("%s: expected a positive integer, got %r" % (name, value))
+
+
 def get_backbone(name, num_classes, pretrained=False, ctx=None):
     """Build the tap backbone ``name`` (one of ``BACKBONES``), initialised on ``ctx``.
 
@@ -166,10 +178,9 @@ def get_backbone(name, num_classes, pretrained=False, ctx=None):
     layer is always initialised Xavier(gaussian, "in", 2).
     """
     if name not in BACKBONES:
-        raise UserError("backbone: unknown backbone %r, expected one of %s"
-                        % (name, ", ".join(BACKBONES)))
-    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
-        raise UserError("num_classes: expected a positive integer, got %r" % (num_classes,))
+        raise ValueError("backbone: unknown backbone %r, expected one of %s"
+                         % (name, ", ".join(BACKBONES)))
+    _check_positive_int(num_classes, "num_classes")
     contexts = _as_context_list(ctx)
     try:
         zoo = vision.get_model(name, pretrained=pretrained, ctx=contexts)
@@ -196,13 +207,12 @@ def get_backbone(name, num_classes, pretrained=False, ctx=None):
 
 def tap_shapes(backbone, input_size):
     """[(C, H, W)] of tap2, tap3, tap4 for a square input of side ``input_size``."""
-    if not isinstance(input_size, int) or isinstance(input_size, bool) or input_size < 1:
-        raise UserError("input_size: expected a positive integer, got %r" % (input_size,))
+    _check_positive_int(input_size, "input_size")
     try:
         shapes = complete_param_shapes(backbone, (1, 3, input_size, input_size))
     except MXNetError:
         shapes = None
     if shapes is None or any(min(s[1:]) < 1 for s in shapes[:3]):
-        raise UserError("input_size: %d is too small for this backbone (its stage-4 tap would be "
-                        "empty); expected a larger input_size" % input_size)
+        raise ValueError("input_size: %d is too small for this backbone (its stage-4 tap would be "
+                         "empty); expected a larger input_size" % input_size)
     return [s[1:] for s in shapes[:3]]

@@ -59,6 +59,10 @@ from training_runtime.images import (IMAGENET_MEAN, IMAGENET_STD, ImageListDatas
                                      ArrayImageDataset, check_split,
                                      first_existing, load_json, load_mat, mat_strings, open_text,
                                      require_root)
+from training_runtime.registry import DatasetEntry
+
+from . import fashion_attributes
+from .registry import DATASETS as DATASET_REGISTRY
 
 WIDER_ATTRIBUTES = ("Male", "longHair", "sunglass", "Hat", "Tshirt", "longSleeve", "formal",
                     "shorts", "jeans", "longPants", "skirt", "faceMask", "logo", "stripe")
@@ -359,9 +363,9 @@ class FashionMNISTAttributes(ArrayImageDataset):
 
     def __init__(self, split="train", data_dir=None, limit=None):
         images, classes = fashion_mnist.split_arrays(split, data_dir, limit)
-        labels = fashion_mnist.attribute_labels(classes).astype(np.float32)
+        labels = fashion_attributes.attribute_labels(classes).astype(np.float32)
         super(FashionMNISTAttributes, self).__init__(images, labels)
-        self.attribute_names = fashion_mnist.ATTRIBUTE_NAMES
+        self.attribute_names = fashion_attributes.ATTRIBUTE_NAMES
         self.split = split
         self.skipped = []
         self.num_skipped = 0
@@ -462,3 +466,16 @@ def make_transform(train, input_size=224, resize=None, min_crop=None, max_crop=N
     else:
         steps += [transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
     return transforms.Compose(steps)
+
+
+def _register(name, splits=("train", "val", "test"), demo=False, label_names=None, summary=""):
+    DATASET_REGISTRY.register(DatasetEntry(
+        name, lambda data_dir, split, **opts: get_dataset(name, data_dir, split, **opts),
+        splits=splits, demo=demo, summary=summary, label_names=label_names))
+
+
+_register("wider", label_names=WIDER_ATTRIBUTES, summary="WIDER-Attribute (official JSON or SRN lists)")
+_register("peta", summary="PETA.mat, 35-attribute protocol")
+_register("pa100k", summary="PA-100K annotation.mat")
+_register("fashion-mnist", demo=True, label_names=fashion_attributes.ATTRIBUTE_NAMES,
+          summary="the embedded demo: attributes derived from Fashion-MNIST classes")

@@ -5,7 +5,8 @@ are 0/1 (SPEC quirk 4: in training, WIDER's unspecified 0 and negative -1
 both count as 0); an optional ``label_mask`` (N x C, 1 = counted) leaves
 unspecified labels out of the loss instead.
 
-Faithfulness (see ../shared/SPEC.md section 1.3 and the golden quirks IL-1..IL-13):
+Faithfulness (see docs/SPEC.md §1.3 and the golden quirks IL-1..IL-13 of
+tests/golden/MANIFEST.md, indexed in docs/SPEC.md):
 
 - ``WeightedFocalLoss`` / ``AttentionHistoryLoss`` compute by default the
   PUBLISHED formulas, with p = 1 / (1 + exp(-x)) computed the original's naive
@@ -22,13 +23,17 @@ Faithfulness (see ../shared/SPEC.md section 1.3 and the golden quirks IL-1..IL-1
   (SPEC quirk 3), so shuffled loaders and any dataset size work; its schedule
   (record from epoch 2, weight from epoch 5, unrecorded slots are zeros) is the
   original's (quirk 5, IL-10).
+
+Errors: wrong shapes, types and values of the arguments (including labels
+that make a class weight infinite, or a malformed history state) raise
+ValueError or TypeError naming the function and the argument; the training
+task turns those about its data into messages for the user.
 """
 import numpy as np
 import mxnet as mx
 from mxnet import autograd, nd
 from mxnet.gluon.loss import Loss
 
-from training_runtime.errors import UserError
 
 __all__ = ["WeightedFocalLoss", "AttentionHistoryLoss", "history_std_weights",
            "PredictionHistory", "class_weights", "batch_ratios_from_labels",
@@ -94,11 +99,11 @@ def _check_loss_inputs(owner, logits, labels, extra):
     if not isinstance(logits, nd.NDArray):
         return
     if logits.ndim < 2:
-        raise UserError("%s: logits: expected an N x C array, got shape %s" % (owner, logits.shape))
+        raise ValueError("%s: logits: expected an N x C array, got shape %s" % (owner, logits.shape))
     for name, value in [("labels", labels)] + list(extra):
         if value is not None and isinstance(value, nd.NDArray) and value.size != logits.size:
-            raise UserError("%s: %s: expected shape %s like the logits, got %s"
-                            % (owner, name, logits.shape, value.shape))
+            raise ValueError("%s: %s: expected shape %s like the logits, got %s"
+                             % (owner, name, logits.shape, value.shape))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -165,8 +170,8 @@ class WeightedFocalLoss(_AttributeLoss):
         ratios = np.asarray(batch_ratios.asnumpy() if isinstance(batch_ratios, nd.NDArray)
                             else batch_ratios, dtype=np.float32)
         if ratios.ndim != 1 or ratios.size == 0 or not np.all(np.isfinite(ratios)):
-            raise UserError("WeightedFocalLoss: batch_ratios: expected a finite 1-D array of "
-                            "C values (1 / class weight), got %r" % (ratios,))
+            raise ValueError("WeightedFocalLoss: batch_ratios: expected a finite 1-D array of "
+                             "C values (1 / class weight), got %r" % (ratios,))
         self._gamma = float(gamma)
         self._num_attributes = ratios.size
         # The plain BCE does not use the ratios: no constant then (a hybridized graph would
@@ -178,8 +183,8 @@ class WeightedFocalLoss(_AttributeLoss):
         _check_loss_inputs("WeightedFocalLoss", logits, labels, [("label_mask", label_mask)])
         if isinstance(logits, nd.NDArray):
             if logits.shape[-1] != self._num_attributes:
-                raise UserError("WeightedFocalLoss: logits: expected C = %d attributes (the length "
-                                "of batch_ratios), got shape %s" % (self._num_attributes, logits.shape))
+                raise ValueError("WeightedFocalLoss: logits: expected C = %d attributes (the length "
+                                 "of batch_ratios), got shape %s" % (self._num_attributes, logits.shape))
             if self.batch_ratios is not None:
                 self._place_constant(logits.context)
         return super(WeightedFocalLoss, self).forward(logits, labels, label_mask)
@@ -266,8 +271,8 @@ def history_std_weights(history):
     """
     shape = history.shape if isinstance(history, nd.NDArray) else np.shape(history)
     if len(shape) != 3 or shape[0] < 2:
-        raise UserError("history_std_weights: history: expected a (T, N, C) array with T >= 2, "
-                        "got shape %s" % (tuple(shape),))
+        raise ValueError("history_std_weights: history: expected a (T, N, C) array with T >= 2, "
+                         "got shape %s" % (tuple(shape),))
     if isinstance(history, nd.NDArray):
         return _std_weights_nd(history, axis=0)
     history = np.asarray(history)
@@ -278,9 +283,12 @@ def history_std_weights(history):
 
 
 def _positive_int(value, name, minimum=1):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise UserError("PredictionHistory: %s: expected an integer >= %d, got %r"
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError("PredictionHistory: %s: expected an integer >= %d, got %r"
                         % (name, minimum, value))
+    if value < minimum:
+        raise ValueError("PredictionHistory: %s: expected an integer >= %d, got %r"
+                         % (name, minimum, value))
     return int(value)
 
 
@@ -327,20 +335,22 @@ class PredictionHistory(object):
         """
         if isinstance(indices, nd.NDArray):
             if indices.ndim != 1 or (count is not None and indices.shape[0] != count):
-                raise UserError("PredictionHistory: indices: expected a 1-D array of %s dataset "
-                                "indices, got shape %s" % (count or "N", indices.shape))
+                raise ValueError("PredictionHistory: indices: expected a 1-D array of %s dataset "
+                                 "indices, got shape %s" % (count or "N", indices.shape))
             return indices.as_in_context(self.ctx).astype(np.int64, copy=False)
         rows = np.asarray(indices)
-        if rows.ndim != 1 or (count is not None and rows.shape[0] != count) or (
-                rows.size and not np.issubdtype(rows.dtype, np.integer)):
-            raise UserError("PredictionHistory: indices: expected a 1-D integer array of %s dataset "
+        if rows.size and not np.issubdtype(rows.dtype, np.integer):
+            raise TypeError("PredictionHistory: indices: expected a 1-D integer array of %s dataset "
                             "indices, got %s of shape %s" % (count or "N", rows.dtype, rows.shape))
+        if rows.ndim != 1 or (count is not None and rows.shape[0] != count):
+            raise ValueError("PredictionHistory: indices: expected a 1-D integer array of %s dataset "
+                             "indices, got %s of shape %s" % (count or "N", rows.dtype, rows.shape))
         if rows.size and (rows.min() < 0 or rows.max() >= self.num_samples):
-            raise UserError("PredictionHistory: indices: expected dataset indices in [0, %d), got "
+            raise ValueError("PredictionHistory: indices: expected dataset indices in [0, %d), got "
                             "values from %d to %d" % (self.num_samples, rows.min(), rows.max()))
         if np.unique(rows).size != rows.size:
-            raise UserError("PredictionHistory: indices: expected distinct dataset indices in one "
-                            "update, got repeats")
+            raise ValueError("PredictionHistory: indices: expected distinct dataset indices in one "
+                             "update, got repeats")
         return nd.array(rows, ctx=self.ctx, dtype=np.int64)
 
     def update(self, indices, predictions, epoch):
@@ -355,8 +365,8 @@ class PredictionHistory(object):
         if not isinstance(predictions, nd.NDArray):
             predictions = nd.array(np.asarray(predictions, dtype=np.float32), ctx=self.ctx)
         if predictions.ndim != 2 or predictions.shape[1] != self.num_attributes:
-            raise UserError("PredictionHistory: predictions: expected N x %d probabilities, got "
-                            "shape %s" % (self.num_attributes, predictions.shape))
+            raise ValueError("PredictionHistory: predictions: expected N x %d probabilities, got "
+                             "shape %s" % (self.num_attributes, predictions.shape))
         rows = self._rows(indices, count=predictions.shape[0])
         with autograd.pause():
             newest = predictions.detach().as_in_context(self.ctx).astype(np.float32, copy=False)
@@ -390,13 +400,13 @@ class PredictionHistory(object):
         expected = (self.length, self.num_samples, self.num_attributes)
         if not isinstance(state, dict) or state.get("history") is None:
             found = sorted(state) if isinstance(state, dict) else type(state).__name__
-            raise UserError("PredictionHistory state: expected a dict with a 'history' array of "
-                            "shape %s, got %s" % (expected, found))
+            raise ValueError("PredictionHistory state: expected a dict with a 'history' array of "
+                             "shape %s, got %s" % (expected, found))
         history = state["history"]
         history = np.asarray(history.asnumpy() if isinstance(history, nd.NDArray) else history)
         if history.shape != expected:
-            raise UserError("PredictionHistory state: 'history' expected shape %s (T, num_samples, "
-                            "num_attributes), got %s" % (expected, history.shape))
+            raise ValueError("PredictionHistory state: 'history' expected shape %s (T, num_samples, "
+                             "num_attributes), got %s" % (expected, history.shape))
         self._buffer = nd.array(history.transpose(1, 0, 2), ctx=self.ctx, dtype=np.float32)
 
 
@@ -411,23 +421,23 @@ def class_weights(labels, strict=False, attribute_names=None):
     attribute without positives gets +inf (numpy division, as the original), and
     non-0/1 labels are used as given (IL-13).
 
-    strict=True (what training uses): raises UserError for labels other than
+    strict=True (what training uses): raises ValueError for labels other than
     0/1 and for an attribute without positives (its weight would be infinite),
     naming the attribute (``attribute_names[c]`` when given).
     """
     labels = np.asarray(labels.asnumpy() if isinstance(labels, nd.NDArray) else labels)
     if labels.ndim != 2 or labels.shape[0] == 0:
-        raise UserError("class_weights: labels: expected an N x C array with N >= 1, got shape %s"
-                        % (labels.shape,))
+        raise ValueError("class_weights: labels: expected an N x C array with N >= 1, got shape %s"
+                         % (labels.shape,))
     if strict:
         if not np.all((labels == 0) | (labels == 1)):
-            raise UserError("class_weights: labels: expected 0/1 values (map WIDER's -1 and 0 to 0 "
-                            "first), got values %s" % np.unique(labels)[:10].tolist())
+            raise ValueError("class_weights: labels: expected 0/1 values (map WIDER's -1 and 0 to 0 "
+                             "first), got values %s" % np.unique(labels)[:10].tolist())
         empty = np.flatnonzero(labels.sum(axis=0) == 0)
         if empty.size:
             name = attribute_names[empty[0]] if attribute_names is not None else empty[0]
-            raise UserError("class_weights: attribute %s has no positive training label (its class "
-                            "weight would be infinite): expected at least one positive" % (name,))
+            raise ValueError("class_weights: attribute %s has no positive training label (its class "
+                             "weight would be infinite): expected at least one positive" % (name,))
     rate = labels.sum(axis=0) / float(labels.shape[0])
     with np.errstate(divide="ignore", invalid="ignore"):
         weights = np.where(rate <= 0.5, (1 - rate) / rate, 1.0)

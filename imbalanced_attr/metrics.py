@@ -9,11 +9,11 @@ input is one attribute) and return Python floats and numpy float64 arrays.
   scikit-learn's ``average_precision_score`` per attribute (IL-18), labels 0/1.
 - ``attribute_metrics``: mA and the instance-based accuracy / precision /
   recall / F1 of the pedestrian-attribute papers (PETA, PA-100K).
+
+Wrong shapes and label values raise ValueError naming the function and the argument.
 """
 import numpy as np
 from mxnet import nd
-
-from training_runtime.errors import UserError
 
 __all__ = ["test_map", "average_precision", "attribute_metrics", "label_accuracies"]
 
@@ -26,22 +26,22 @@ def _as_columns(labels, scores, caller, scores_name="scores"):
         if value.ndim == 1:
             value = value[:, None]
         if value.ndim != 2 or value.shape[0] == 0:
-            raise UserError("%s: %s: expected an N x C array with N >= 1, got shape %s"
-                            % (caller, name, value.shape))
+            raise ValueError("%s: %s: expected an N x C array with N >= 1, got shape %s"
+                             % (caller, name, value.shape))
         arrays.append(value)
     labels, scores = arrays
     if labels.shape != scores.shape:
-        raise UserError("%s: %s: expected the labels' shape %s, got %s"
-                        % (caller, scores_name, labels.shape, scores.shape))
+        raise ValueError("%s: %s: expected the labels' shape %s, got %s"
+                         % (caller, scores_name, labels.shape, scores.shape))
     if not np.all(np.isfinite(scores)):
-        raise UserError("%s: %s: expected finite values, got NaN or inf" % (caller, scores_name))
+        raise ValueError("%s: %s: expected finite values, got NaN or inf" % (caller, scores_name))
     return labels, scores
 
 
 def _check_values(labels, allowed, caller, hint):
     if not np.all(np.isin(labels, allowed)):
-        raise UserError("%s: labels: expected values in %s%s, got %s"
-                        % (caller, sorted(allowed), hint, np.unique(labels)[:10].tolist()))
+        raise ValueError("%s: labels: expected values in %s%s, got %s"
+                         % (caller, sorted(allowed), hint, np.unique(labels)[:10].tolist()))
 
 
 def test_map(labels, scores):

@@ -12,14 +12,16 @@ Per tap ("stage" 2, 3, 4 in the original) three heads:
 The prediction aggregates the three stage scores and the backbone logits:
 σ(0.25·(s₂+s₃+s₄+logits)). Every new layer is initialised
 Xavier(gaussian, "in", 2), as in the original's ``models.py``.
+
+Wrong shapes and arguments raise ValueError or TypeError naming the argument
+(:func:`spatial_softmax`, and the backbone checks of
+:func:`imbalanced_attr.backbones.get_backbone` / ``tap_shapes``).
 """
 from collections import OrderedDict
 
 import mxnet as mx
 import numpy as np
 from mxnet.gluon import HybridBlock, nn
-
-from training_runtime.errors import UserError
 
 from .backbones import DEFAULT_BACKBONE, XAVIER, get_backbone, tap_shapes
 
@@ -50,8 +52,8 @@ def spatial_softmax(x, F=None):
     """
     F, x, to_output = _namespace_and_array(x, F)
     if hasattr(x, "ndim") and x.ndim != 4:
-        raise UserError("spatial_softmax: x: expected an N×C×H×W array, got shape %s"
-                        % (tuple(x.shape),))
+        raise ValueError("spatial_softmax: x: expected an N×C×H×W array, got shape %s"
+                         % (tuple(x.shape),))
     flat = F.reshape(x, shape=(0, 0, -1))  # N×C×(H·W)
     return to_output(F.reshape_like(F.softmax(flat, axis=-1), x))
 

@@ -16,6 +16,10 @@ with the block prefix stripped from every parameter name, so the names are:
 Our blocks get other global names (prefixes and counters depend on what the
 process built before), so the mapping is by structure: the zoo-relative
 names of the zoo layers, and for the heads a walk over their layers.
+
+Errors: the files are the boundary, so a missing, unreadable or mismatching
+parameter file (and an unwritable directory) is a UserError naming the file
+and the parameter.
 """
 import os
 from collections import OrderedDict

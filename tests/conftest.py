@@ -1,26 +1,37 @@
-"""Shared test helpers: the golden reference cases in ../shared/golden."""
+"""Test fixtures and the golden reference cases in tests/golden (see tests/golden/README.md).
+
+The cases are loaded from ``tests/golden`` next to this file; the environment
+variable ``GOLDEN_DIR`` points them elsewhere (unset or empty = the default).
+Helpers shared by several test modules live in ``tests/helpers.py``.
+"""
 import json
 import os
 
 import numpy as np
 import pytest
 
-GOLDEN_DIR = os.environ.get(
-    "GOLDEN_DIR",
-    os.path.normpath(os.path.join(os.path.dirname(__file__), "..", "..", "shared", "golden")))
+DEFAULT_GOLDEN_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "golden")
+GOLDEN_DIR = os.path.abspath(os.environ.get("GOLDEN_DIR") or DEFAULT_GOLDEN_DIR)
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+
+
+def _golden_path(name=None):
+    """Path of ``name`` in GOLDEN_DIR (the directory itself for None); a missing directory raises."""
+    if not os.path.isdir(GOLDEN_DIR):
+        raise FileNotFoundError(
+            "golden cases not found: %s is not a directory (the default is %s; the GOLDEN_DIR "
+            "environment variable overrides it)" % (GOLDEN_DIR, DEFAULT_GOLDEN_DIR))
+    return GOLDEN_DIR if name is None else os.path.join(GOLDEN_DIR, name)
 
 
 def golden_cases(prefix):
     """Sorted file names of the golden cases whose name starts with ``prefix``."""
-    if not os.path.isdir(GOLDEN_DIR):
-        raise FileNotFoundError("golden cases not found at %s (expected ../shared/golden)" % GOLDEN_DIR)
-    return sorted(f for f in os.listdir(GOLDEN_DIR) if f.startswith(prefix) and f.endswith(".npz"))
+    return sorted(f for f in os.listdir(_golden_path()) if f.startswith(prefix) and f.endswith(".npz"))
 
 
 def load_golden(name):
     """Load one case as a dict of numpy arrays."""
-    with np.load(os.path.join(GOLDEN_DIR, name), allow_pickle=False) as data:
+    with np.load(_golden_path(name), allow_pickle=False) as data:
         return {k: data[k] for k in data.files}
 
 
@@ -41,7 +52,7 @@ _MANIFEST = None
 def _manifest():
     global _MANIFEST
     if _MANIFEST is None:
-        with open(os.path.join(GOLDEN_DIR, "MANIFEST.json")) as f:
+        with open(_golden_path("MANIFEST.json")) as f:
             _MANIFEST = json.load(f)
     return _MANIFEST
 

@@ -1,10 +1,11 @@
 """Helpers for end-to-end tests of the training scripts (run in subprocesses).
 
-- :func:`run_script`: run ``<repo>/<script>`` with arguments, check its exit status;
+- :func:`run_script`: run ``<repo>/<script>`` with arguments (and fault-injection
+  callbacks of tests/hooks.py), check its exit status;
 - :func:`params_of` / :func:`max_param_diff`: the parameters stored in a checkpoint;
 - :func:`metrics_without_time`: metrics.jsonl lines minus the wall-clock field;
 - :func:`kill_and_resume`: SIGKILL a run after a given step (the runtime's
-  ``TRAINING_RUNTIME_KILL_AT_STEP`` hook), restart it with ``--resume`` and
+  :class:`hooks.KillAtStep` callback), restart it with ``--resume`` and
   return the resumed run's directory and the step of the checkpoint it
   restarted from.
 """
@@ -16,15 +17,25 @@ import sys
 import numpy as np
 
 from training_runtime import checkpoint
-from training_runtime.loop import KILL_ENV
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run_script(script, args, env=None, expect=0, timeout=300):
-    """Run ``python <ROOT>/<script> args`` from ROOT; assert the exit status unless expect is None."""
+HOOKS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hooks.py")
+
+
+def run_script(script, args, env=None, expect=0, timeout=300, kill_at_step=None, nan_at_step=None):
+    """Run ``python <ROOT>/<script> args`` from ROOT (through tests/hooks.py when a
+    fault is to be injected); assert the exit status unless expect is None."""
     full_env = dict(os.environ, **(env or {}))
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, script)] + list(args), cwd=ROOT,
+    command = [sys.executable, os.path.join(ROOT, script)]
+    if kill_at_step or nan_at_step:
+        command = [sys.executable, HOOKS]
+        for flag, value in (("--kill-at-step", kill_at_step), ("--nan-at-step", nan_at_step)):
+            if value:
+                command += [flag, str(value)]
+        command.append(os.path.join(ROOT, script))
+    proc = subprocess.run(command + list(args), cwd=ROOT,
                           env=full_env, capture_output=True, text=True, timeout=timeout)
     if expect is not None:
         assert proc.returncode == expect, "exit %d\nstdout:\n%s\nstderr:\n%s" % (
@@ -55,7 +66,7 @@ def kill_and_resume(script, args, save_dir, kill_at):
     then the same command with ``--resume``. Returns the step of the checkpoint the
     resumed run started from."""
     args = list(args) + ["--save-dir", save_dir]
-    killed = run_script(script, args, env={KILL_ENV: str(kill_at)}, expect=None)
+    killed = run_script(script, args, kill_at_step=kill_at, expect=None)
     assert killed.returncode == -9, "expected SIGKILL, got exit %d\n%s" % (
         killed.returncode, killed.stderr[-2000:])
     saved_step = checkpoint.read(os.path.join(save_dir, checkpoint.LAST))[0]["progress"]["step"]

@@ -9,8 +9,8 @@ import numpy as np
 import mxnet as mx
 import pytest
 import scipy.io
-from PIL import Image
 
+from imbalanced_attr import fashion_attributes
 from imbalanced_attr import data as attr_data
 from imbalanced_attr.data import (PA100K, PETA, FashionMNISTAttributes, WiderAttribute,
                                   get_dataset, make_transform, training_targets)
@@ -18,23 +18,10 @@ from training_runtime import fashion_mnist
 from training_runtime.errors import UserError
 
 from conftest import FASHION_MNIST_DIR
+from helpers import blocks_image, coordinate_image, write_image, write_jpeg
 
 needs_fashion_mnist = pytest.mark.skipif(not os.path.isdir(FASHION_MNIST_DIR),
                                          reason="Fashion-MNIST not installed")
-
-
-def blocks_image(height, width, colours):
-    """Image split into vertical bands of solid colours (robust to JPEG)."""
-    image = np.zeros((height, width, 3), np.uint8)
-    bounds = np.linspace(0, width, len(colours) + 1).astype(int)
-    for colour, x0, x1 in zip(colours, bounds[:-1], bounds[1:]):
-        image[:, x0:x1] = colour
-    return image
-
-
-def write_jpeg(path, array):
-    os.makedirs(os.path.dirname(str(path)), exist_ok=True)
-    Image.fromarray(array).save(str(path), "JPEG", quality=95)
 
 
 def label_row(seed):
@@ -235,9 +222,7 @@ def make_peta(root, num_images=8, num_attributes=40, bad_value=False):
             "partion_attribute": partitions}
     scipy.io.savemat(os.path.join(root, "PETA.mat"), {"peta": peta})
     for i in range(num_images):
-        os.makedirs(os.path.join(root, "images"), exist_ok=True)
-        Image.fromarray(blocks_image(24 + i, 10, [RED])).save(
-            os.path.join(root, "images", "%05d.png" % (i + 1)))
+        write_image(os.path.join(root, "images", "%05d.png" % (i + 1)), blocks_image(24 + i, 10, [RED]), "PNG")
     return binary
 
 
@@ -318,12 +303,12 @@ def test_fashion_mnist_attributes():
     image, label = dataset[5]
     assert image.shape == (28, 28, 3) and image.dtype == np.uint8
     np.testing.assert_array_equal(image.asnumpy()[..., 1], images[5])
-    np.testing.assert_array_equal(label, fashion_mnist.attribute_labels(classes[5:6])[0])
+    np.testing.assert_array_equal(label, fashion_attributes.attribute_labels(classes[5:6])[0])
     assert set(np.unique(dataset.label_matrix)) == {-1.0, 1.0}
     val = get_dataset("fashion-mnist", None, "val", limit=3, skip_bad_images=False)
     train_images, _ = fashion_mnist.load_split("train")
     np.testing.assert_array_equal(val[0][0].asnumpy()[..., 0], train_images[50000])
-    assert len(val.attribute_names) == len(fashion_mnist.ATTRIBUTES)
+    assert len(val.attribute_names) == len(fashion_attributes.ATTRIBUTES)
 
 
 def test_get_dataset_unknown_name():
@@ -347,17 +332,9 @@ def test_training_targets_numpy_and_ndarray():
 
 # ----------------------------------------------------------------------------- transforms
 
-def coordinate_image(height, width):
-    image = np.zeros((height, width, 3), np.uint8)
-    image[:, :, 0] = np.arange(width)[None, :] % 256
-    image[:, :, 1] = np.arange(height)[:, None] % 256
-    image[:, :, 2] = 50
-    return image
-
-
 def test_eval_transform_original_center_crop_and_mean():
     transform = make_transform(False)
-    out = transform(mx.nd.array(coordinate_image(256, 256), dtype=np.uint8)).asnumpy()
+    out = transform(mx.nd.array(coordinate_image(256, 256, blue=50), dtype=np.uint8)).asnumpy()
     assert out.shape == (3, 224, 224) and out.dtype == np.float32
     # center 224 crop of the 256x256 image starts at 16; R 104, G 117, B 123 subtracted, no std
     np.testing.assert_array_equal(out[0, 0], np.arange(16, 240) - 104.0)
@@ -378,7 +355,7 @@ def test_transform_resizes_any_crop_to_256_first():
 
 
 def test_random_square_crop_is_a_square_window():
-    image = mx.nd.array(coordinate_image(256, 256), dtype=np.uint8)
+    image = mx.nd.array(coordinate_image(256, 256, blue=50), dtype=np.uint8)
     random.seed(3)
     crop = attr_data.RandomSquareCrop(100, 100, 100)
     for _ in range(5):
@@ -399,7 +376,7 @@ def test_random_square_crop_is_a_square_window():
 def test_train_transform_original_values_and_mirror():
     random.seed(0)
     transform = make_transform(True)
-    image = mx.nd.array(coordinate_image(256, 256), dtype=np.uint8)
+    image = mx.nd.array(coordinate_image(256, 256, blue=50), dtype=np.uint8)
     flipped = 0
     for _ in range(12):
         out = transform(image).asnumpy()
@@ -411,7 +388,7 @@ def test_train_transform_original_values_and_mirror():
 
 def test_transform_demo_sizes_scale_proportionally():
     random.seed(1)
-    image = mx.nd.array(coordinate_image(28, 28), dtype=np.uint8)
+    image = mx.nd.array(coordinate_image(28, 28, blue=50), dtype=np.uint8)
     assert make_transform(True, input_size=28)(image).shape == (3, 28, 28)
     out = make_transform(False, input_size=28)(image).asnumpy()
     assert out.shape == (3, 28, 28)  # 28 -> 32x32, center 28 crop starts at 2

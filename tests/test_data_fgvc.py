@@ -8,7 +8,6 @@ import numpy as np
 import mxnet as mx
 import pytest
 import scipy.io
-from PIL import Image
 
 from fgvc_gluon import data as fgvc_data
 from fgvc_gluon.data import (CUB, CUBS3N, Aircraft, Cars, FashionMNISTClasses, Flowers,
@@ -17,13 +16,10 @@ from training_runtime import fashion_mnist
 from training_runtime.errors import UserError
 
 from conftest import FASHION_MNIST_DIR
+from helpers import coordinate_image, solid_image, write_jpeg
 
 
-def write_jpeg(path, height, width, colour=(200, 60, 30)):
-    os.makedirs(os.path.dirname(str(path)), exist_ok=True)
-    image = np.zeros((height, width, 3), np.uint8)
-    image[:] = colour
-    Image.fromarray(image).save(str(path), "JPEG", quality=95)
+COLOUR = (200, 60, 30)
 
 
 def write_lines(path, lines):
@@ -42,7 +38,7 @@ CUB_IMAGES = ["001.Black_footed_Albatross/Black_Footed_Albatross_0001_796111.jpg
 
 def make_cub(root, classes=(1, 1, 2, 200), is_train=(1, 0, 1, 1)):
     for i, rel in enumerate(CUB_IMAGES):
-        write_jpeg(os.path.join(root, "images", rel), 30 + i, 40)
+        write_jpeg(os.path.join(root, "images", rel), solid_image(30 + i, 40, COLOUR))
     write_lines(os.path.join(root, "images.txt"),
                 ["%d %s" % (i + 1, rel) for i, rel in enumerate(CUB_IMAGES)])
     write_lines(os.path.join(root, "image_class_labels.txt"),
@@ -88,7 +84,7 @@ def test_cub_errors(tmp_path):
 def test_cub_s3n_lists(tmp_path):
     root = str(tmp_path)
     for i, rel in enumerate(CUB_IMAGES):
-        write_jpeg(os.path.join(root, "images", rel), 20, 20 + i)
+        write_jpeg(os.path.join(root, "images", rel), solid_image(20, 20 + i, COLOUR))
     # S3N's format: "<image_name> <class_id>", a repeated name keeps its last label
     write_lines(tmp_path / "train.txt", ["%s 0" % CUB_IMAGES[0], "%s 1" % CUB_IMAGES[2],
                                          "%s 5" % CUB_IMAGES[0]])
@@ -118,7 +114,7 @@ def make_aircraft(root):
         write_lines(os.path.join(data, "images_variant_%s.txt" % split),
                     ["%s %s" % row for row in rows])
         for image_id, _ in rows:
-            write_jpeg(os.path.join(data, "images", image_id + ".jpg"), 60, 50)
+            write_jpeg(os.path.join(data, "images", image_id + ".jpg"), solid_image(60, 50, COLOUR))
     write_lines(os.path.join(data, "images_variant_trainval.txt"),
                 ["%s %s" % row for row in ids["train"] + ids["val"]])
 
@@ -169,7 +165,7 @@ def make_cars(root, train_classes=(1, 3)):
                      {"annotations": cars_annotations(test)})
     for folder, rows in (("cars_train", train), ("cars_test", test)):
         for row in rows:
-            write_jpeg(os.path.join(root, folder, row[-1]), 30, 40)
+            write_jpeg(os.path.join(root, folder, row[-1]), solid_image(30, 40, COLOUR))
 
 
 def test_cars_reader(tmp_path):
@@ -197,7 +193,7 @@ def test_cars_label_out_of_range(tmp_path):
 
 def make_flowers(root, labels=(1, 2, 102, 5, 5, 1)):
     for i in range(len(labels)):
-        write_jpeg(os.path.join(root, "jpg", "image_%05d.jpg" % (i + 1)), 16, 12 + i)
+        write_jpeg(os.path.join(root, "jpg", "image_%05d.jpg" % (i + 1)), solid_image(16, 12 + i, COLOUR))
     scipy.io.savemat(os.path.join(root, "imagelabels.mat"),
                      {"labels": np.array([labels], dtype=np.uint8)})
     scipy.io.savemat(os.path.join(root, "setid.mat"),
@@ -225,7 +221,7 @@ def test_folder_reader_and_empty_split(tmp_path):
     root = str(tmp_path)
     for cls, n in (("b_cardinal", 2), ("a_albatross", 1)):
         for i in range(n):
-            write_jpeg(os.path.join(root, "train", cls, "%d.jpg" % i), 10, 10 + i)
+            write_jpeg(os.path.join(root, "train", cls, "%d.jpg" % i), solid_image(10, 10 + i, COLOUR))
     train = FolderDataset(root, "train")
     assert train.class_names == ("a_albatross", "b_cardinal")
     assert [train[i][1] for i in range(3)] == [0, 1, 1]
@@ -240,9 +236,9 @@ def test_folder_reader_and_empty_split(tmp_path):
 
 def test_folder_truncated_image_and_skip(tmp_path):
     root = str(tmp_path)
-    write_jpeg(os.path.join(root, "train", "a", "good.jpg"), 8, 8)
+    write_jpeg(os.path.join(root, "train", "a", "good.jpg"), solid_image(8, 8, COLOUR))
     bad = os.path.join(root, "train", "a", "bad.jpg")
-    write_jpeg(bad, 64, 64)
+    write_jpeg(bad, solid_image(64, 64, COLOUR))
     with open(bad, "rb") as f:
         data = f.read()
     with open(bad, "wb") as f:
@@ -276,14 +272,6 @@ def test_get_dataset_unknown_name():
 
 # ----------------------------------------------------------------------------- transforms
 
-def coordinate_image(height, width):
-    image = np.zeros((height, width, 3), np.uint8)
-    image[:, :, 0] = np.arange(width)[None, :]
-    image[:, :, 1] = np.arange(height)[:, None]
-    image[:, :, 2] = 255
-    return image
-
-
 MCLOSS_LIKE = {"image_size": 32, "resize": None, "train_crop": "pad_random", "pad": 4,
                "flip": True, "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}
 S3N_LIKE = {"image_size": 48, "resize": 60, "train_crop": "random_resized",
@@ -293,7 +281,7 @@ S3N_LIKE = {"image_size": 48, "resize": 60, "train_crop": "random_resized",
 
 def test_pad_random_crop_is_a_window_of_the_padded_image():
     random.seed(0)
-    image = mx.nd.array(coordinate_image(32, 32) + 1, dtype=np.uint8)
+    image = mx.nd.array(coordinate_image(32, 32, blue=255) + 1, dtype=np.uint8)
     padded = np.pad(image.asnumpy(), ((4, 4), (4, 4), (0, 0)))
     offsets = set()
     for _ in range(20):
@@ -308,7 +296,7 @@ def test_pad_random_crop_is_a_window_of_the_padded_image():
 
 def test_make_transform_mcloss_style():
     random.seed(1)
-    image = mx.nd.array(coordinate_image(50, 70), dtype=np.uint8)
+    image = mx.nd.array(coordinate_image(50, 70, blue=255), dtype=np.uint8)
     out = make_transform(MCLOSS_LIKE, train=True)(image).asnumpy()
     assert out.shape == (3, 32, 32) and out.dtype == np.float32
     assert out.min() >= -1.0 and out.max() <= 1.0
@@ -320,7 +308,7 @@ def test_make_transform_mcloss_style():
 
 def test_make_transform_s3n_style():
     random.seed(2)
-    image = mx.nd.array(coordinate_image(120, 80), dtype=np.uint8)
+    image = mx.nd.array(coordinate_image(120, 80, blue=255), dtype=np.uint8)
     out = make_transform(S3N_LIKE, train=True)(image).asnumpy()
     assert out.shape == (3, 48, 48)
     np.testing.assert_allclose(out[2], (1.0 - 0.406) / 0.225, rtol=1e-5)

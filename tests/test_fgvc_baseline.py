@@ -1,70 +1,22 @@
 """fgvc_gluon.baseline: model-zoo classifier method, backbone validation, short real-image training.
 
-Also holds the small Fashion-MNIST training helpers shared by test_mcloss.py and
-test_center_loss.py (``fashion_mnist_tensors``, ``train_steps``).
+The Fashion-MNIST training helpers (``fashion_mnist_tensors``, ``train_steps``) are in helpers.py.
 """
-import mxnet as mx
 import numpy as np
 import pytest
-from mxnet import autograd, gluon, nd
+from mxnet import autograd, nd
 
 from fgvc_gluon import baseline
+from helpers import fashion_mnist_tensors, seed_everything, train_steps
 from training_runtime.errors import UserError
-from training_runtime.fashion_mnist import load_split
-
-# ------------------------------------------------------------ shared helpers
-
-
-def fashion_mnist_tensors(data_dir, classes=(0, 1, 7, 8), per_class=64, size=32, mean=0.5, std=0.5):
-    """Real images: N×3×size×size float32 (grayscale replicated, resized, normalised) and labels 0..len(classes)-1."""
-    images, labels = load_split("train", data_dir)
-    picked = np.concatenate([np.flatnonzero(labels == c)[:per_class] for c in classes])
-    np.random.RandomState(0).shuffle(picked)
-    gray = nd.array(images[picked][:, None].astype(np.float32) / 255.0)
-    resized = nd.contrib.BilinearResize2D(gray, height=size, width=size)
-    data = (nd.tile(resized, (1, 3, 1, 1)) - mean) / std
-    remap = {c: i for i, c in enumerate(classes)}
-    return data, nd.array([remap[int(c)] for c in labels[picked]])
-
-
-def make_trainers(method, lr, momentum=0.9, wd=5e-4):
-    """One gluon.Trainer per ParamGroup, as train_fgvc.py does."""
-    trainers = []
-    for group in method.param_groups():
-        params = {"learning_rate": lr * group.lr_mult, "momentum": momentum, "wd": wd}
-        params.update(group.optimizer_params or {})
-        trainers.append(gluon.Trainer(group.params, "sgd", params))
-    return trainers
-
-
-def train_steps(method, data, labels, steps, batch_size, lr):
-    """SGD on ``method.training_loss``; returns the batch-mean loss of every step."""
-    trainers = make_trainers(method, lr)
-    losses = []
-    num = data.shape[0]
-    for step in range(steps):
-        start = (step * batch_size) % num
-        x, y = data[start:start + batch_size], labels[start:start + batch_size]
-        with autograd.record():
-            loss = method.training_loss(x, y, 0)
-        loss.backward()
-        for trainer in trainers:
-            trainer.step(x.shape[0])
-        losses.append(float(loss.mean().asscalar()))
-    return np.array(losses)
-
-
-def seed_everything(seed=0):
-    mx.random.seed(seed)
-    np.random.seed(seed)
-
 
 # ------------------------------------------------------------ baseline tests
 
 
 def test_backbone_names_and_unknown_name_error():
     assert "resnet50_v1" in baseline.BACKBONES and "resnet152_v1" in baseline.BACKBONES
-    with pytest.raises(UserError, match=r"--backbone: expected one of .*resnet18_v1.*got 'resnet51_v1'"):
+    with pytest.raises(ValueError,
+                       match=r"^backbone: expected one of .*resnet18_v1.* for baseline, got 'resnet51_v1'"):
         baseline.build_method(5, backbone="resnet51_v1")
 
 
@@ -87,7 +39,7 @@ def test_method_contract_and_shapes():
     assert method.net.output.weight.shape[0] == 7
     x = nd.random.normal(shape=(3, 3, 32, 32))
     with autograd.record():
-        loss = method.training_loss(x, nd.array([0, 3, 6]), 0)
+        loss = method.training_loss(x, nd.array([0, 3, 6]), None, 0)
     assert loss.shape == (3,)
     out = method.predict(x, 0)
     assert list(out) == ["classifier"] and out["classifier"].shape == (3, 7)
@@ -107,11 +59,11 @@ def test_loss_is_s3n_label_smoothing_by_default_and_plain_ce_as_option():
     target[2] = 0.85
     smoothed = baseline.build_method(5, backbone="resnet18_v1", image_size=32)
     log_probs = nd.log_softmax(smoothed.net(x), axis=1).asnumpy()[0]
-    np.testing.assert_allclose(smoothed.training_loss(x, labels, 0).asnumpy(),
+    np.testing.assert_allclose(smoothed.training_loss(x, labels, None, 0).asnumpy(),
                                [-(log_probs * target).sum()], rtol=1e-5)
     plain = baseline.build_method(5, backbone="resnet18_v1", image_size=32, smooth_ratio=None)
     log_probs = nd.log_softmax(plain.net(x), axis=1).asnumpy()[0]
-    np.testing.assert_allclose(plain.training_loss(x, labels, 0).asnumpy(), [-log_probs[2]], rtol=1e-5)
+    np.testing.assert_allclose(plain.training_loss(x, labels, None, 0).asnumpy(), [-log_probs[2]], rtol=1e-5)
 
 
 def test_hybridized_forward_matches_imperative():

@@ -13,6 +13,7 @@ from training_runtime import records
 from training_runtime.records import RecordDataset, pack_dataset
 
 from conftest import FASHION_MNIST_DIR
+from helpers import coordinate_image, solid_image, write_image, write_jpeg
 
 
 def noise_image(height, width, seed=0):
@@ -28,21 +29,6 @@ def smooth_image(height, width, seed=0):
     return image
 
 
-def coordinate_image(height, width):
-    """R = column, G = row, B = 7: every pixel says where it is (exact with PNG)."""
-    image = np.zeros((height, width, 3), np.uint8)
-    image[:, :, 0] = np.arange(width)[None, :]
-    image[:, :, 1] = np.arange(height)[:, None]
-    image[:, :, 2] = 7
-    return image
-
-
-def write_image(path, array, fmt="JPEG", **options):
-    os.makedirs(os.path.dirname(str(path)), exist_ok=True)
-    Image.fromarray(array).save(str(path), fmt, **options)
-    return str(path)
-
-
 def truncate(path, fraction=0.6):
     with open(path, "rb") as f:
         data = f.read()
@@ -52,7 +38,7 @@ def truncate(path, fraction=0.6):
 
 
 def test_load_image_png_is_exact_rgb(tmp_path):
-    image = coordinate_image(20, 30)
+    image = coordinate_image(20, 30, blue=7)
     loaded = load_image(write_image(tmp_path / "a.png", image, "PNG"))
     assert isinstance(loaded, mx.nd.NDArray)
     assert loaded.dtype == np.uint8 and loaded.shape == (20, 30, 3)
@@ -60,9 +46,7 @@ def test_load_image_png_is_exact_rgb(tmp_path):
 
 
 def test_load_image_jpeg_colour_and_grey(tmp_path):
-    solid = np.zeros((16, 24, 3), np.uint8)
-    solid[:] = (200, 100, 50)
-    loaded = load_image(write_image(tmp_path / "c.jpg", solid, quality=95)).asnumpy()
+    loaded = load_image(write_jpeg(tmp_path / "c.jpg", solid_image(16, 24, (200, 100, 50)))).asnumpy()
     assert loaded.shape == (16, 24, 3)
     assert np.abs(loaded.astype(int) - (200, 100, 50)).max() <= 3  # RGB order, not BGR
     grey = np.full((10, 12), 90, np.uint8)
@@ -123,7 +107,7 @@ def test_jpeg_with_trailing_padding_loads(tmp_path):
 
 
 def test_crop_box_exact_and_clipped(tmp_path):
-    image = mx.nd.array(coordinate_image(40, 50), dtype=np.uint8)
+    image = mx.nd.array(coordinate_image(40, 50, blue=7), dtype=np.uint8)
     crop = crop_box(image, (10, 5, 20, 15)).asnumpy()
     assert crop.shape == (15, 20, 3)
     assert crop[0, 0, 0] == 10 and crop[0, 0, 1] == 5 and crop[-1, -1, 0] == 29

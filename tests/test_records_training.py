@@ -10,11 +10,12 @@ import pytest
 import train_attr
 import train_fgvc
 from resume_harness import run_script
+from imbalanced_attr import fashion_attributes
 from training_runtime import fashion_mnist, records
 from training_runtime.errors import UserError
 
 SPLITS = ["train", "val", "test"]
-NUM_ATTRIBUTES = len(fashion_mnist.ATTRIBUTE_NAMES)
+NUM_ATTRIBUTES = len(fashion_attributes.ATTRIBUTE_NAMES)
 ATTR_TINY = ["--train-limit", "64", "--val-limit", "32", "--test-limit", "32", "--batch-size", "16",
              "--lr", "0.01", "--epochs", "1", "--max-steps", "4", "--seed", "3"]
 FGVC_TINY = ["--method", "mcloss", "--train-limit", "64", "--val-limit", "32", "--test-limit", "32",
@@ -66,7 +67,7 @@ def _finite_metrics(save_dir):
 def test_train_attr_trains_from_records(packed, tmp_path):
     save_dir = str(tmp_path / "run")
     out = run_script("train_attr.py", ATTR_TINY + ["--records", packed["attr"], "--save-dir", save_dir]).stdout
-    assert "(fashion-mnist, %d attributes) on 64 images, validating on 32" % NUM_ATTRIBUTES in out
+    assert "(resnet18_v1, fashion-mnist, %d labels) on 64 images, validating on 32" % NUM_ATTRIBUTES in out
     last = _finite_metrics(save_dir)
     assert 0 < last["val"]["mAP"] <= 1
     with open(os.path.join(save_dir, "test.json")) as f:
@@ -77,7 +78,7 @@ def test_train_attr_trains_from_records(packed, tmp_path):
 def test_train_fgvc_trains_from_records(packed, tmp_path):
     save_dir = str(tmp_path / "run")
     out = run_script("train_fgvc.py", FGVC_TINY + ["--records", packed["fgvc"], "--save-dir", save_dir]).stdout
-    assert "fashion-mnist, 10 classes) on 64 images, validating on 32" in out
+    assert "fashion-mnist, 10 labels) on 64 images, validating on 32" in out
     last = _finite_metrics(save_dir)
     assert 0 <= last["val"]["top1"] <= 1
     with open(os.path.join(save_dir, "test.json")) as f:

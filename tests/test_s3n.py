@@ -7,8 +7,7 @@ from mxnet.gluon import nn
 
 from conftest import assert_golden, golden_cases, golden_tolerance, load_golden
 from fgvc_gluon import s3n
-from training_runtime.errors import UserError
-from training_runtime.fashion_mnist import load_split
+from helpers import central_difference, fashion_mnist_tensors
 
 
 def check(case, data, name, actual):
@@ -196,24 +195,17 @@ def test_generate_map_gradients_finite_differences(p):
         value = objective(images, radius, radius_inv)
     value.backward()
     step = 1e-6
-    for name, grad in (("radius", radius.grad), ("radius_inv", radius_inv.grad)):
-        shifted = {"radius": radius.copy(), "radius_inv": radius_inv.copy()}
-        shifted[name] += step
-        upper = objective(images, **shifted).asscalar()
-        shifted[name] -= 2 * step
-        lower = objective(images, **shifted).asscalar()
-        numeric = (upper - lower) / (2 * step)
+    scales = {"radius": radius, "radius_inv": radius_inv}
+    for name, scale in scales.items():
+        def with_scale(value, name=name):
+            return objective(images, **dict(scales, **{name: nd.array(value, dtype="float64")}))
+        numeric = central_difference(with_scale, scale.asnumpy(), step)[0]
         assert abs(numeric) > 1e-3, "degenerate check for %s" % name
-        np.testing.assert_allclose(grad.asscalar(), numeric, rtol=1e-4, err_msg=name)
-    flat = images.asnumpy().ravel()
-    for index in rng.choice(flat.size, 6, replace=False):
-        bumped = flat.copy()
-        bumped[index] += step
-        upper = objective(nd.array(bumped.reshape(images.shape), dtype="float64"), radius, radius_inv)
-        bumped[index] -= 2 * step
-        lower = objective(nd.array(bumped.reshape(images.shape), dtype="float64"), radius, radius_inv)
-        numeric = (upper - lower).asscalar() / (2 * step)
-        np.testing.assert_allclose(images.grad.asnumpy().ravel()[index], numeric, rtol=1e-5, atol=1e-8)
+        np.testing.assert_allclose(scale.grad.asscalar(), numeric, rtol=1e-4, err_msg=name)
+    picked = rng.choice(images.size, 6, replace=False)
+    numeric = central_difference(lambda x: objective(nd.array(x, dtype="float64"), radius, radius_inv),
+                                 images.asnumpy(), step, indices=picked).ravel()
+    np.testing.assert_allclose(images.grad.asnumpy().ravel()[picked], numeric[picked], rtol=1e-5, atol=1e-8)
 
 
 def test_generate_map_parameters_and_second_device():
@@ -238,11 +230,11 @@ def test_generate_map_parameters_and_second_device():
 
 def test_generate_map_bad_input():
     images = nd.zeros((2, 3, 16, 16))
-    with pytest.raises(UserError, match="p: expected 0, 1 or 2"):
+    with pytest.raises(ValueError, match="p: expected 0, 1 or 2"):
         s3n.generate_map(images, nd.zeros((2, 4, 31, 31)), 3, 0.09, nd.array([0.09]), nd.array([0.3]))
-    with pytest.raises(UserError, match="class_response_maps: expected 2×K×31×31"):
+    with pytest.raises(ValueError, match="class_response_maps: expected 2×K×31×31"):
         s3n.generate_map(images, nd.zeros((2, 4, 14, 14)), 0, 0.09, nd.array([0.09]), nd.array([0.3]))
-    with pytest.raises(UserError, match="saliency_padded"):
+    with pytest.raises(ValueError, match="saliency_padded"):
         s3n.create_grid(nd.zeros((1, 1, 31, 31)), 16)
 
 
@@ -276,7 +268,7 @@ def test_multi_smooth_loss_golden(case):
 
 def test_multi_smooth_loss_bad_weight_key():
     logits = (nd.zeros((2, 3)),) * 4
-    with pytest.raises(UserError, match="branch index 4 out of range"):
+    with pytest.raises(ValueError, match="branch index 4 out of range"):
         s3n.multi_smooth_loss(logits, nd.array([0, 1]), loss_weight={4: 1.0})
 
 
@@ -353,7 +345,7 @@ def test_network_shapes_groups_and_gradients_resnet18():
     predictions = method.predict(images, epoch=30)
     assert list(predictions) == ["concat", "raw", "zoom", "complementary"]
     assert all(v.shape == (2, 6) for v in predictions.values())
-    assert method.training_loss(images, nd.array([0, 5]), epoch=0).shape == (2,)
+    assert method.training_loss(images, nd.array([0, 5]), None, epoch=0).shape == (2,)
     defaults = method.defaults
     assert (defaults["lr"], defaults["momentum"], defaults["wd"], defaults["batch_size"],
             defaults["epochs"], defaults["lr_steps"], defaults["lr_factor"]) == (
@@ -363,18 +355,8 @@ def test_network_shapes_groups_and_gradients_resnet18():
 def test_three_stage_schedule():
     assert [s3n.training_mode(e) for e in (0, 20, 21, 59)] == [0, 0, 1, 1]
     assert [s3n.evaluation_mode(e) for e in (0, 20, 21, 59)] == [1, 1, 2, 2]
-    with pytest.raises(UserError, match="--backbone"):
+    with pytest.raises(ValueError, match=r"^backbone: expected one of resnet18_v1, .* for S3N, got 'vgg16'"):
         s3n.S3N(5, backbone="vgg16")
-
-
-def _fashion_batch(classes=(0, 1, 5, 8), per_class=16, size=48):
-    images, labels = load_split("train")
-    chosen = np.concatenate([np.flatnonzero(labels == c)[:per_class] for c in classes])
-    x = nd.array(images[chosen][:, None].astype(np.float32) / 255.0)
-    x = nd.contrib.BilinearResize2D(x, height=size, width=size)
-    x = (nd.tile(x, (1, 3, 1, 1)) - 0.5) / 0.25
-    y = nd.array(np.searchsorted(classes, labels[chosen]))
-    return x, y
 
 
 def test_training_on_fashion_mnist_lowers_loss(fashion_mnist_dir):
@@ -382,7 +364,8 @@ def test_training_on_fashion_mnist_lowers_loss(fashion_mnist_dir):
     mx.random.seed(42)
     np.random.seed(42)
     contexts = [mx.cpu(0), mx.cpu(1)]
-    images, labels = _fashion_batch()
+    images, labels = fashion_mnist_tensors(fashion_mnist_dir, classes=(0, 1, 5, 8), per_class=16, size=48,
+                                           std=0.25, shuffle=False)
     method = s3n.build_method(4, backbone="resnet18_v1", image_size=48, ctx=contexts)
     settings = method.defaults       # upstream: lr 0.001 (×10 classifiers), momentum 0.9, wd 1e-4
     trainers = [gluon.Trainer(group.params, "sgd", {"learning_rate": settings["lr"] * group.lr_mult,
@@ -399,7 +382,7 @@ def test_training_on_fashion_mnist_lowers_loss(fashion_mnist_dir):
             data = gluon.utils.split_and_load(images.take(index), contexts)
             label = gluon.utils.split_and_load(labels.take(index), contexts)
             with autograd.record():
-                slice_losses = [method.training_loss(x, y, epoch) for x, y in zip(data, label)]
+                slice_losses = [method.training_loss(x, y, None, epoch) for x, y in zip(data, label)]
             for loss in slice_losses:
                 loss.backward()
             for trainer in trainers:

@@ -14,15 +14,14 @@ import pytest
 
 from training_runtime import checkpoint, cli
 from training_runtime.errors import UserError
-from training_runtime.loop import KILL_ENV, NAN_ENV
 from resume_harness import max_param_diff, params_of, run_script
 
 TINY = ["--train-limit", "64", "--val-limit", "32", "--test-limit", "32", "--batch-size", "16",
         "--lr", "0.01", "--epochs", "2", "--seed", "3"]
 
 
-def run_attr(args, env=None, expect=0):
-    return run_script("train_attr.py", args, env=env, expect=expect)
+def run_attr(args, env=None, expect=0, **hooks):
+    return run_script("train_attr.py", args, env=env, expect=expect, **hooks)
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +37,7 @@ def test_reference_run_writes_everything(reference_run):
     assert {"args.json", "metrics.jsonl", "curves.png", "last.ckpt", "best.ckpt", "test.json"} <= files
     assert not [f for f in files if f.startswith(".")]  # no temporary files left
     with open(os.path.join(reference_run, "args.json")) as f:
-        assert json.load(f)["max_steps"] == 6
+        assert json.load(f)["config"]["runtime"]["max_steps"] == 6
     lines = [json.loads(line) for line in open(os.path.join(reference_run, "metrics.jsonl"))]
     assert [(r["epoch"], r.get("partial", False)) for r in lines] == [(0, False), (1, True)]
     for r in lines:
@@ -53,7 +52,7 @@ def test_kill_and_resume_gives_the_same_parameters(reference_run, tmp_path, kill
     epoch's last step, killed before its evaluation, resumes from step 3), then --resume."""
     save_dir = str(tmp_path / "run")
     args = TINY + ["--save-dir", save_dir, "--max-steps", "6", "--checkpoint-every", "3"]
-    killed = run_attr(args, env={KILL_ENV: str(kill_at)}, expect=None)
+    killed = run_attr(args, kill_at_step=kill_at, expect=None)
     assert killed.returncode == -9, killed.stderr[-2000:]
     saved_step = checkpoint.read(os.path.join(save_dir, "last.ckpt"))[0]["progress"]["step"]
     assert saved_step == {5: 4, 4: 3}[kill_at]
@@ -104,7 +103,7 @@ def test_demo_loss_falls_on_real_images(tmp_path, fashion_mnist_dir, loss):
 def test_nan_guard_names_the_step_and_keeps_the_last_good_checkpoint(tmp_path, fashion_mnist_dir):
     save_dir = str(tmp_path / "run")
     proc = run_attr(TINY + ["--save-dir", save_dir, "--max-steps", "6", "--checkpoint-every", "2"],
-                    env={NAN_ENV: "3"}, expect=2)
+                    nan_at_step=3, expect=2)
     assert proc.stderr.strip().splitlines()[-1] == (
         "error: training diverged: the loss is nan at step 3 (lower --lr?); the last good "
         "checkpoint is kept")
@@ -122,8 +121,8 @@ def test_resume_missing_and_incompatible_checkpoints(reference_run, tmp_path):
     shutil.copytree(reference_run, other)
     proc = run_attr(TINY + ["--save-dir", other, "--resume", "--input-size", "28"], expect=2)
     assert proc.stderr.strip().splitlines() == [
-        "error: --resume: %s was written for input_size=32, this run has input_size=28"
-        % os.path.join(other, "last.ckpt")]
+        "error: --image-size 28: %s was trained with --image-size 32; this setting cannot change "
+        "for --resume (start a new run instead)" % os.path.join(other, "last.ckpt")]
 
 
 def test_predict_writes_a_csv_of_probabilities(reference_run, tmp_path):
@@ -141,7 +140,7 @@ def test_predict_writes_a_csv_of_probabilities(reference_run, tmp_path):
     probs = np.array([[float(v) for v in row[1:]] for row in rows[1:]])
     assert probs.shape == (3, 9) and np.all((probs >= 0) & (probs <= 1))
     proc = run_attr(["--predict"] + paths, expect=2)
-    assert proc.stderr.startswith("error: --test/--predict: give the model")
+    assert proc.stderr.startswith("error: --weights: give the model")
 
 
 # ---- save-dir guard (in process: no training needed)
@@ -197,4 +196,41 @@ def test_test_on_the_originals_params_files_matches_the_checkpoint(reference_run
     assert "test mAP" in from_checkpoint and "on 40 images" in from_checkpoint
     for word in ("footwear", "mA", "accuracy", "precision", "recall", "F1"):
         assert word in from_checkpoint
-    assert from_params == from_checkpoint
+    # the same report; only the first line (which weights were tested) differs
+    assert from_params.splitlines()[1:] == from_checkpoint.splitlines()[1:]
+    assert from_params.splitlines()[0].startswith("testing %s " % params_dir)
+
+
+def test_test_rebuilds_preprocessing_from_the_checkpoint(tmp_path, fashion_mnist_dir):
+    """A run trained with non-default preprocessing (--normalize original; the demo's default is
+    imagenet): --test RUN reproduces the run's own final test, and a contradicting flag is refused."""
+    run = str(tmp_path / "run")
+    run_attr(["--train-limit", "64", "--val-limit", "32", "--test-limit", "48", "--batch-size", "16",
+              "--epochs", "1", "--normalize", "original", "--save-dir", run])
+    report = json.load(open(os.path.join(run, "test.json")))
+    tested = run_attr(["--test", run]).stdout.splitlines()
+    assert tested[1] == "test mAP %.4f on 48 images (mean positive rate %.4f)" % (
+        report["mAP"], np.mean(report["positive_rates"]))
+    for name, ap in zip(["footwear", "upper_body"], report["APs"]):
+        assert any(line.startswith("%-16s %8.4f " % (name, ap)) for line in tested), name
+    proc = run_attr(["--test", run, "--normalize", "imagenet"], expect=2)
+    assert proc.stderr.startswith("error: --normalize imagenet: %s was trained with --normalize "
+                                  "original; this setting cannot change for --test" % os.path.join(run, "best.ckpt"))
+
+
+def test_resume_applies_and_reports_changed_settings_and_keeps_args_json(reference_run, tmp_path):
+    run = str(tmp_path / "run")
+    shutil.copytree(reference_run, run)
+    args_json = open(os.path.join(run, "args.json")).read()
+    proc = run_attr(["--save-dir", run, "--resume", "--lr", "0.005", "--max-steps", "7"])
+    assert "resume: applied --lr 0.01 -> 0.005, --max-steps 6 -> 7 (from step 6)" in proc.stdout
+    record, _ = params_of(os.path.join(run, "last.ckpt"))
+    assert record["progress"]["step"] == 7
+    assert record["meta"]["config"]["optim"]["lr"] == 0.005 and record["schedule"]["lr"] == 0.005
+    refused = run_attr(["--save-dir", run, "--resume", "--momentum", "0.5"], expect=2)
+    assert refused.stderr.startswith("error: --momentum 0.5: %s was trained with --momentum 0.9"
+                                     % os.path.join(run, "last.ckpt"))
+    assert open(os.path.join(run, "args.json")).read() == args_json  # the first args.json survives
+    resumes = [json.loads(line) for line in open(os.path.join(run, "resumes.jsonl"))]
+    assert len(resumes) == 1 and resumes[0]["from_step"] == 6
+    assert resumes[0]["changes"] == [["lr", 0.01, 0.005], ["max_steps", 6, 7]]

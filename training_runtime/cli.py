@@ -1,14 +1,16 @@
-"""Command-line pieces shared by train_attr.py and train_fgvc.py.
+"""The command-line boundary shared by the training scripts.
 
-- :func:`add_training_arguments`: the common flags (data, save dir, resume,
-  devices, optimisation, checkpoints, smoke-run limits);
-- :func:`use_records`: ``--records DIR`` (splits packed by training_runtime.records);
 - :func:`contexts`: ``--gpus 0,1`` / ``--cpus N`` -> list of mx.Context;
-- :func:`prepare_save_dir`: default ``runs/<script>-<timestamp>``, refuses a
-  directory that already holds a run unless ``--resume`` or ``--overwrite``,
-  writes ``args.json``;
+- :func:`resume_path`, :func:`prepare_save_dir`, :func:`record_resume`: the
+  run directory: default ``runs/<script>-<timestamp>``, a directory that
+  already holds a run is refused unless ``--resume`` or ``--overwrite``;
+  ``args.json`` is written once, when the run starts, and never rewritten;
+  each resume appends a line to ``resumes.jsonl`` (from which step, what
+  changed);
 - :func:`run_main`: prints any :class:`UserError` as one line
-  ``error: <message>`` and exits with status 2 (never a traceback).
+  ``error: <message>`` and exits with status 2; ``--traceback`` (or
+  ``TRAINING_RUNTIME_TRACEBACK=1``) shows the full stack instead. Other
+  exceptions are programming errors and keep their traceback.
 """
 import argparse
 import datetime
@@ -20,87 +22,12 @@ import mxnet as mx
 
 from . import checkpoint
 from .errors import UserError
+from .loop import ARGS_FILE, CURVES_FILE, METRICS_FILE, RESUMES_FILE, TEST_FILE
 
-ARGS_FILE = "args.json"
-METRICS_FILE = "metrics.jsonl"
-CURVES_FILE = "curves.png"
 #: files that make a directory "hold a run" (and that --overwrite removes)
-RUN_FILES = (ARGS_FILE, METRICS_FILE, CURVES_FILE, checkpoint.LAST, checkpoint.BEST)
-
-
-def add_training_arguments(parser, defaults):
-    """Add the shared flags; ``defaults`` maps dest -> default (per script/dataset).
-
-    Defaults left as None are filled by the script once the dataset is known
-    (see each script's --help).
-    """
-    d = defaults.get
-    g = parser.add_argument_group("run")
-    g.add_argument("--data-dir", default=None, help="dataset root (default: the embedded demo data)")
-    g.add_argument("--records", default=None, metavar="DIR",
-                   help="read each split from DIR/<split>.rec/.idx/.json instead of the images, as "
-                        "packed by python -m training_runtime.records --out-dir DIR (the dataset "
-                        "name comes from them unless --dataset is given)")
-    g.add_argument("--save-dir", default=None,
-                   help="output directory (default: runs/<script>-<timestamp>)")
-    g.add_argument("--resume", nargs="?", const="last", default=None, metavar="CHECKPOINT",
-                   help="continue a run: a checkpoint file, a run directory, or nothing for "
-                        "<save-dir>/%s" % checkpoint.LAST)
-    g.add_argument("--overwrite", action="store_true",
-                   help="reuse a --save-dir that already holds a run (its run files are removed)")
-    g.add_argument("--seed", type=int, default=d("seed", 0),
-                   help="all randomness is a function of (seed, epoch, step) (default %(default)s)")
-    g = parser.add_argument_group("devices")
-    g.add_argument("--gpus", default="", help="comma-separated GPU ids, e.g. 0,1 (default: CPU)")
-    g.add_argument("--cpus", type=int, default=1,
-                   help="number of CPU contexts cpu(0..N-1) when no --gpus (default 1)")
-    g.add_argument("--num-workers", type=int, default=d("num_workers", 0),
-                   help="data loading processes; exact resume needs 0 (default %(default)s)")
-    g.add_argument("--batchnorm", choices=("batch", "sync", "frozen"), default="batch",
-                   help="BatchNorm statistics in training: batch = per device (Gluon's usual data "
-                        "parallelism; the original ran on one device), sync = SyncBatchNorm over "
-                        "the devices (GPUs), frozen = running statistics only (use_global_stats; "
-                        "exact across any device split) (default %(default)s)")
-    g = parser.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=d("epochs"), help="number of epochs")
-    g.add_argument("--batch-size", type=int, default=d("batch_size"), help="total batch size")
-    g.add_argument("--lr", type=float, default=d("lr"), help="base learning rate")
-    g.add_argument("--momentum", type=float, default=d("momentum"), help="SGD momentum")
-    g.add_argument("--wd", type=float, default=d("wd"), help="weight decay")
-    g = parser.add_argument_group("checkpoints and limits")
-    g.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
-                   help="also save the last checkpoint every N steps (default: each epoch)")
-    g.add_argument("--max-steps", type=int, default=0, metavar="N",
-                   help="stop after N training steps in total (smoke runs); still evaluates and "
-                        "writes a checkpoint and metrics")
-    g.add_argument("--log-every", type=int, default=20, metavar="K",
-                   help="check the loss for NaN/inf and update the progress bar every K steps")
-    g = parser.add_argument_group("data")
-    g.add_argument("--skip-bad-images", action="store_true",
-                   help="drop missing/corrupt images (listed) instead of stopping")
-    g.add_argument("--train-limit", type=int, default=None, help="use the first N training images")
-    g.add_argument("--val-limit", type=int, default=None, help="use the first N validation images")
-    g.add_argument("--test-limit", type=int, default=None, help="use the first N test images")
-    return parser
-
-
-def use_records(args, task):
-    """With ``--records DIR``: refuse --data-dir, fill --dataset from DIR's records of ``task``."""
-    if args.records is None:
-        return
-    from . import records
-    if args.data_dir is not None:
-        raise UserError("--records and --data-dir: give one or the other (the records hold the images)")
-    if args.dataset is None:
-        args.dataset = records.packed_dataset_name(args.records, task)
-
-
-def check_positive(args, *names):
-    """UserError for a flag that must be a positive number."""
-    for name in names:
-        value = getattr(args, name)
-        if value is None or not value > 0:
-            raise UserError("--%s: expected a positive number, got %r" % (name.replace("_", "-"), value))
+RUN_FILES = (ARGS_FILE, RESUMES_FILE, METRICS_FILE, CURVES_FILE, TEST_FILE, checkpoint.LAST,
+             checkpoint.BEST)
+TRACEBACK_ENV = "TRAINING_RUNTIME_TRACEBACK"
 
 
 def contexts(args):
@@ -143,10 +70,11 @@ def resume_path(args):
     return args.resume
 
 
-def prepare_save_dir(args, script):
-    """Create/validate ``args.save_dir`` and write args.json; returns the directory.
-
-    With ``--resume FILE`` and no --save-dir, the run continues in FILE's directory.
+def prepare_save_dir(args, script, config=None, argv=None):
+    """Create/validate ``args.save_dir``; for a new run write args.json
+    (script, the run definition ``config`` as a dict, the command line).
+    Returns the directory. With ``--resume FILE`` and no --save-dir, the run
+    continues in FILE's directory; a resumed run's args.json is left as it is.
     """
     if args.save_dir is None:
         if args.resume not in (None, "last"):
@@ -171,21 +99,36 @@ def prepare_save_dir(args, script):
         os.makedirs(directory, exist_ok=True)
     except OSError as err:
         raise UserError("--save-dir: cannot create %s (%s)" % (directory, err))
-    with open(os.path.join(directory, ARGS_FILE), "w") as f:
-        json.dump(dict(vars(args), script=script), f, indent=1, sort_keys=True)
+    if not args.resume:
+        with open(os.path.join(directory, ARGS_FILE), "w") as f:
+            json.dump({"script": script, "config": config, "argv": argv}, f, indent=1, sort_keys=True)
     return directory
 
 
+def record_resume(directory, path, step, changes):
+    """Append one line to resumes.jsonl: when, from which checkpoint and step,
+    and each changed setting as [name, old, new]."""
+    line = {"time": datetime.datetime.now().isoformat(timespec="seconds"), "checkpoint": path,
+            "from_step": step, "changes": [list(c) for c in changes]}
+    with open(os.path.join(directory, RESUMES_FILE), "a") as f:
+        f.write(json.dumps(line) + "\n")
+
+
 def run_main(main, argv=None):
-    """Run ``main(argv)``; a UserError becomes ``error: <message>`` and exit status 2."""
+    """Run ``main(argv)``; a UserError becomes ``error: <message>`` and exit status 2
+    (with ``--traceback`` or TRAINING_RUNTIME_TRACEBACK=1 it is raised as is)."""
+    arguments = sys.argv[1:] if argv is None else list(argv)
+    show_traceback = "--traceback" in arguments or os.environ.get(TRACEBACK_ENV, "") not in ("", "0")
     try:
         return main(argv)
     except UserError as err:
+        if show_traceback:
+            raise
         message = " ".join(str(err).split())  # always one line
         print("error: %s" % message, file=sys.stderr)
         sys.exit(UserError.exit_code)
 
 
-def make_parser(description, epilog=None):
-    return argparse.ArgumentParser(description=description, epilog=epilog,
+def make_parser(description, epilog=None, prog=None):
+    return argparse.ArgumentParser(description=description, epilog=epilog, prog=prog,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -4,9 +4,8 @@ Debian's ``dataset-fashion-mnist`` installs the four ``*-idx?-ubyte.gz`` files
 under /usr/share/datasets/fashion-mnist. Gluon's own FashionMNIST class
 rejects them and tries to download, so we read the idx format directly.
 
-The attribute demo learns clothing attributes *derived from the classes*
-(``ATTRIBUTES``): each attribute is a fixed function of the product class,
-e.g. ``footwear`` = sandal, sneaker or ankle boot.
+The attribute demo's labels, derived from the classes, live with the
+attribute model (``imbalanced_attr.fashion_attributes``).
 """
 import gzip
 import os
@@ -23,19 +22,6 @@ SPLIT_FILES = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
     "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
 }
-# attribute name -> the classes that have it (positive rates 10% to 40%)
-ATTRIBUTES = (
-    ("footwear", (5, 7, 9)),
-    ("upper_body", (0, 2, 4, 6)),
-    ("long_sleeves", (2, 4, 6)),
-    ("legwear", (1,)),
-    ("one_piece", (3,)),
-    ("open_toe", (5,)),
-    ("ankle_high", (9,)),
-    ("carried", (8,)),
-    ("outerwear", (4,)),
-)
-ATTRIBUTE_NAMES = tuple(name for name, _ in ATTRIBUTES)
 MISSING_HELP = ("Fashion-MNIST demo data not found in %s: install Debian's package "
                 "dataset-fashion-mnist (apt-get install dataset-fashion-mnist) or pass "
                 "--data-dir DIR holding train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, "
@@ -84,19 +70,6 @@ def load_split(split="train", data_dir=None):
         raise UserError("%s: %d images but %s has %d labels"
                         % (image_file, len(images), label_file, len(labels)))
     return images, labels
-
-
-def class_attributes():
-    """(10, A) float32 0/1 matrix: which derived attribute each class has."""
-    table = np.zeros((len(CLASSES), len(ATTRIBUTES)), np.float32)
-    for a, (_, classes) in enumerate(ATTRIBUTES):
-        table[list(classes), a] = 1
-    return table
-
-
-def attribute_labels(class_labels):
-    """(N,) class indices -> (N, A) attribute labels in the WIDER convention (1 / -1)."""
-    return class_attributes()[np.asarray(class_labels)] * 2 - 1
 
 
 SPLITS = ("train", "val", "trainval", "test")

@@ -1,46 +1,32 @@
-"""The training loop shared by train_attr.py and train_fgvc.py.
+"""The training loop: :class:`Runner` trains any :class:`~training_runtime.task.TrainingTask`.
 
-A script describes its model as a *task* (any object with these members) and
-hands it to :class:`Runner`:
-
-- ``blocks``: ordered dict name -> Block, everything that is checkpointed;
-- ``groups``: list of :class:`ParamGroup`
-  ``(name, params, lr_mult, optimizer_params, follows_schedule)``, one
-  ``gluon.Trainer`` each (all SGD, sharing one :mod:`schedule`);
-- ``train_set``: a Dataset of ``(data, label)`` items (already transformed);
-  the runner wraps it with :class:`IndexedDataset` so batches carry the
-  dataset index of each sample;
-- ``training_loss(data, label, index, epoch)``: per-sample loss (N,) of one
-  device slice, called inside ``autograd.record()``;
-- ``after_step(epoch)``: called after the trainers stepped (e.g. to record
-  predictions kept by ``training_loss``);
-- ``evaluate(epoch)`` -> dict of float metrics; ``metric_name`` names the
-  one that drives the plateau rule and the ``best`` checkpoint;
-- ``extra_state()`` / ``load_extra_state(dict)``: more state to checkpoint;
-- ``meta``: dict identifying the run (checked on resume).
+The runner knows no model. It gets the task, the typed run definition
+(:class:`training_runtime.config.RunConfig`: it reads the optimisation and
+runtime sections), the devices, one lr schedule, the run directory and the
+transformed training / evaluation splits. It builds one ``gluon.Trainer``
+per parameter group (all sharing the schedule), splits each batch over the
+devices (``split_and_load``), calls the task's hooks, checks the loss every
+``log_every`` steps without a host sync per step, evaluates after every
+epoch, writes ``metrics.jsonl`` and ``curves.png`` and atomic checkpoints,
+and resumes exactly.
 
 Determinism and exact resume: the data order of epoch e is a permutation
 drawn from (seed, e); before step s of epoch e, python's ``random``,
-``numpy.random`` and ``mx.random`` are reseeded from (seed, e, s) — so
-augmentation and dropout depend only on the position, never on the history
-of the process (MXNet's RNG state cannot be saved). The checkpoint keeps the
-number of batches consumed in the epoch; a resumed run skips them. With
-``--num-workers`` > 0 the augmentation runs in worker processes and is not
-reproducible.
+``numpy.random`` and ``mx.random`` are reseeded from (seed, e, s) (and from
+(seed, e, EVAL_STEP) before an evaluation), so augmentation and dropout
+depend only on the position, never on the history of the process (MXNet's
+RNG state cannot be saved). The checkpoint keeps the number of batches
+consumed in the epoch; a resumed run skips them. With ``num_workers`` > 0 the
+augmentation runs in worker processes and is not reproducible.
 
-Test hooks (environment variables, for the kill-and-resume and NaN-guard
-tests): ``TRAINING_RUNTIME_KILL_AT_STEP=k`` makes the process SIGKILL itself
-right after step k (before any checkpoint of that step);
-``TRAINING_RUNTIME_NAN_AT_STEP=k`` turns the loss of step k into NaN before
-the backward pass (so the parameters become NaN too).
+Callbacks (:class:`Callback`) observe or alter a run at fixed points; the
+tests' kill, NaN and fault hooks are callbacks (tests/hooks.py).
 """
 import collections
-from collections import namedtuple
 import json
 import math
 import os
 import random
-import signal
 import sys
 import time
 
@@ -49,24 +35,28 @@ import numpy as np
 from mxnet import autograd, gluon
 
 from . import checkpoint
-from .cli import CURVES_FILE, METRICS_FILE, resume_path
 from .errors import UserError
+from .task import ParamGroup  # noqa: F401  (re-exported: its historical home)
 
-ParamGroup = namedtuple("ParamGroup", "name params lr_mult optimizer_params follows_schedule")
-ParamGroup.__new__.__defaults__ = (1.0, None, True)
-ParamGroup.__doc__ = """One Trainer's worth of parameters.
+ARGS_FILE = "args.json"
+RESUMES_FILE = "resumes.jsonl"
+METRICS_FILE = "metrics.jsonl"
+CURVES_FILE = "curves.png"
+TEST_FILE = "test.json"
 
-name: str, used for the trainer-state entry in checkpoints.
-params: gluon ParameterDict (or list of Parameters).
-lr_mult: learning rate = schedule lr * lr_mult (S3N's per-group multipliers).
-optimizer_params: dict overriding the optimizer settings for this group
-    (e.g. the center-loss centers: {'learning_rate': 0.5, 'momentum': 0, 'wd': 0}).
-follows_schedule: False keeps this group's learning rate fixed.
-"""
+EVAL_STEP = 2 ** 31 + 1  # reseed position of an evaluation (S3N's early evaluation mode is random)
 
 
-KILL_ENV = "TRAINING_RUNTIME_KILL_AT_STEP"
-NAN_ENV = "TRAINING_RUNTIME_NAN_AT_STEP"
+class Callback(object):
+    """Hooks into a :class:`Runner`; every method is a no-op by default."""
+
+    def on_losses(self, runner, losses):
+        """The per-slice losses of the coming step (inside ``autograd.record()``);
+        returns the losses to back-propagate."""
+        return losses
+
+    def on_step_end(self, runner):
+        """After step ``runner.step`` (counted from 1), before any checkpoint of it."""
 
 
 def derived_seed(*numbers):
@@ -257,36 +247,77 @@ class MetricsLog(object):
         plt.close(fig)
 
 
-def make_trainer(params, args, optimizer_params=None):
-    """SGD Trainer with the run's momentum / wd, overridden by ``optimizer_params``."""
-    settings = {"learning_rate": args.lr, "momentum": args.momentum, "wd": args.wd}
+def make_trainer(params, optim, optimizer_params=None):
+    """A Trainer with the run's optimizer, momentum and wd (``optim``: an
+    OptimConfig), overridden by the group's ``optimizer_params``."""
+    settings = {"learning_rate": optim.lr, "momentum": optim.momentum, "wd": optim.wd}
     settings.update(optimizer_params or {})
-    return gluon.Trainer(params, "sgd", settings)
+    return gluon.Trainer(params, optim.optimizer, settings)
+
+
+def evaluation_batches(dataset, ctx, batch_size, num_workers=0, desc="eval"):
+    """(data, label) device slices of ``dataset`` in order: what
+    ``TrainingTask.evaluate`` and ``test_report`` consume."""
+    loader = gluon.data.DataLoader(dataset, batch_size=batch_size, shuffle=False,
+                                   num_workers=num_workers)
+    bar = progress_bar(len(loader), desc)
+    for data, label in loader:
+        used = ctx[:min(len(ctx), data.shape[0])]
+        for pair in zip(gluon.utils.split_and_load(data, used, even_split=False),
+                        gluon.utils.split_and_load(label, used, even_split=False)):
+            yield pair
+        bar.update(1)
+    bar.close()
+
+
+def evaluate(task, dataset, ctx, config, epoch, report=None):
+    """``task.evaluate`` on ``dataset`` (transformed items) after ``epoch``, with the
+    generators reseeded from (seed, epoch, EVAL_STEP) first (S3N evaluates with a
+    random mode in its first epochs); with ``report`` (a file) the task's
+    ``test_report`` instead."""
+    reseed(config.runtime.seed, epoch, EVAL_STEP)
+    batches = evaluation_batches(dataset, ctx, config.runtime.batch_size, config.data.num_workers)
+    if report is not None:
+        return task.test_report(batches, epoch, report)
+    return task.evaluate(batches, epoch)
+
+
+def evaluated_epoch(progress):
+    """The epoch whose evaluation a checkpoint follows (0-based)."""
+    if progress["batch_in_epoch"] == 0 and progress["epoch"] > 0:
+        return progress["epoch"] - 1
+    return progress["epoch"]
 
 
 class Runner(object):
-    """Trains a task (see the module docstring) with checkpoints, logs and resume.
+    """Trains a task with checkpoints, logs and exact resume (see the module docstring).
 
-    args: the parsed flags of :func:`training_runtime.cli.add_training_arguments`;
-    ctx: list of contexts; schedule: an LRSchedule (trainers are attached here).
+    task: a TrainingTask; config: the RunConfig (optim and runtime sections
+    are read); ctx: list of contexts; schedule: an LRSchedule (trainers are
+    attached here); save_dir: the run directory; train_set / val_set:
+    transformed datasets of (data, label); meta: JSON-able dict stored in
+    checkpoints and checked on resume; callbacks: :class:`Callback` objects.
     """
 
-    def __init__(self, task, args, ctx, schedule, save_dir, log=print):
-        self.task, self.args, self.ctx, self.schedule = task, args, ctx, schedule
-        self.save_dir, self.log = save_dir, log
+    def __init__(self, task, config, ctx, schedule, save_dir, train_set, val_set, meta,
+                 callbacks=(), log=print):
+        self.task, self.config, self.ctx, self.schedule = task, config, ctx, schedule
+        self.optim, self.runtime = config.optim, config.runtime
+        self.save_dir, self.log, self.meta = save_dir, log, meta
+        self.callbacks = list(callbacks)
+        self.blocks = task.check_declared()
         self.trainers = collections.OrderedDict()
-        for group in task.groups:
-            name, params, lr_mult, optimizer_params, follows = group
-            trainer = make_trainer(params, args, optimizer_params)
-            self.trainers[name] = schedule.attach(trainer, lr_mult, follows)
+        for group in task.trainable_groups():
+            trainer = make_trainer(group.params, self.optim, group.optimizer_params)
+            self.trainers[group.name] = schedule.attach(trainer, group.lr_mult, group.follows_schedule)
         self.metrics = MetricsLog(save_dir)
-        self.train_set = IndexedDataset(task.train_set)
+        self.train_set = IndexedDataset(train_set)
+        self.val_set = val_set
         self.epoch, self.batch_in_epoch, self.step = 0, 0, 0
         self.best = -math.inf
         self.monitor = LossMonitor()
         self.epoch_time = 0.0
-        self._kill_at = int(os.environ.get(KILL_ENV) or 0)
-        self._nan_at = int(os.environ.get(NAN_ENV) or 0)
+        self._segment_start = time.time()
 
     # ---- checkpoints ------------------------------------------------------
     def _progress(self):
@@ -294,26 +325,30 @@ class Runner(object):
         return {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "step": self.step,
                 "best": self.best if math.isfinite(self.best) else None,
                 "loss_sum": self.monitor.loss_sum, "loss_count": self.monitor.count,
-                "epoch_time": self._elapsed(), "batch_size": self.args.batch_size,
-                "seed": self.args.seed}
+                "epoch_time": self._elapsed(), "batch_size": self.runtime.batch_size,
+                "seed": self.runtime.seed}
 
     def save(self, best=False):
-        arrays = checkpoint.capture(self.task.blocks, self.trainers, self.schedule, self._progress(),
-                                    self.task.meta, self.task.extra_state(), workdir=self.save_dir)
+        arrays = checkpoint.capture(self.blocks, self.trainers, self.schedule, self._progress(),
+                                    self.meta, self.task.extra_state(), workdir=self.save_dir)
         last = os.path.join(self.save_dir, checkpoint.LAST)
         checkpoint.save(last, arrays)
         if best:
             checkpoint.link_atomic(last, os.path.join(self.save_dir, checkpoint.BEST))
 
-    def resume(self):
-        path = resume_path(self.args)
-        progress, extra = checkpoint.restore(path, self.task.blocks, self.trainers, self.schedule,
-                                             self.task.meta)
+    def resume(self, path, check_meta=None):
+        """Continue from the checkpoint ``path``; ``check_meta``: the meta entries
+        that must be equal (default: all of this run's meta but its definition,
+        which the caller reconciled)."""
+        if check_meta is None:
+            check_meta = {k: v for k, v in self.meta.items() if k != "config"}
+        progress, extra = checkpoint.restore(path, self.blocks, self.trainers, self.schedule, check_meta)
         for key in ("batch_size", "seed"):
-            if progress[key] != getattr(self.args, key):
+            if progress[key] != getattr(self.runtime, key):
                 raise UserError("--resume: %s was written with --%s %s, this run has %s (the data "
                                 "order would change)" % (path, key.replace("_", "-"), progress[key],
-                                                          getattr(self.args, key)))
+                                                          getattr(self.runtime, key)))
+        self.schedule.rebase(self.optim.lr)  # a changed --lr applies from here (reported by the caller)
         self.task.load_extra_state(extra)
         self.epoch, self.batch_in_epoch = progress["epoch"], progress["batch_in_epoch"]
         self.step = progress["step"]
@@ -326,24 +361,30 @@ class Runner(object):
     # ---- training ---------------------------------------------------------
     def _loader(self, batches):
         return gluon.data.DataLoader(self.train_set, batch_sampler=batches,
-                                     num_workers=self.args.num_workers)
+                                     num_workers=self.config.data.num_workers)
 
     def train_step(self, batch):
-        """Forward/backward on every device slice, then one step of every trainer."""
+        """Forward/backward on every device slice, then one step of every trainer.
+
+        Returns the summed loss of the batch as a device scalar (no host sync).
+        """
         data, label, index = batch
         ctx = self.ctx[:min(len(self.ctx), data.shape[0])]
         slices = [gluon.utils.split_and_load(x, ctx, even_split=False) for x in (data, label, index)]
         with autograd.record():
             losses = [self.task.training_loss(d, l, i, self.epoch) for d, l, i in zip(*slices)]
-            if self._nan_at == self.step + 1:
-                losses = [loss * float("nan") for loss in losses]
+            for loss, d in zip(losses, slices[0]):
+                if loss.shape != (d.shape[0],):
+                    raise ValueError("%s.training_loss: expected a per-sample loss of shape (%d,), "
+                                     "got %s" % (type(self.task).__name__, d.shape[0], loss.shape))
+            for callback in self.callbacks:
+                losses = callback.on_losses(self, losses)
         for loss in losses:
             loss.backward()
         for trainer in self.trainers.values():
             trainer.step(data.shape[0])
         self.task.after_step(self.epoch)
-        step_sum = mx.nd.add_n(*[loss.sum().as_in_context(self.ctx[0]) for loss in losses])
-        return step_sum
+        return mx.nd.add_n(*[loss.sum().as_in_context(self.ctx[0]) for loss in losses])
 
     def _elapsed(self):
         """Seconds spent in the current epoch (across resumes)."""
@@ -353,7 +394,7 @@ class Runner(object):
         """Evaluate, apply the lr rule (complete epochs only), log; True if the metric improved."""
         self.monitor.check()
         metrics = {k: float(v) if isinstance(v, (int, float, np.number)) else v
-                   for k, v in self.task.evaluate(self.epoch).items()}
+                   for k, v in evaluate(self.task, self.val_set, self.ctx, self.config, self.epoch).items()}
         value = metrics[self.task.metric_name]
         improved = value > self.best
         if improved:
@@ -374,19 +415,16 @@ class Runner(object):
         return improved
 
     def _steps_left(self):
-        return self.args.max_steps - self.step if self.args.max_steps else math.inf
+        return self.runtime.max_steps - self.step if self.runtime.max_steps else math.inf
 
     def run(self):
-        """Train until --epochs or --max-steps, evaluating and checkpointing."""
-        args = self.args
-        self._segment_start = time.time()
-        if args.resume:
-            self.resume()
-        while self.epoch < args.epochs and self._steps_left() > 0:
+        """Train until the configured epochs or max_steps, evaluating and checkpointing."""
+        runtime = self.runtime
+        while self.epoch < self.optim.epochs and self._steps_left() > 0:
             self._segment_start = time.time()
             self.schedule.start_epoch(self.epoch)
-            order = epoch_order(args.seed, self.epoch, len(self.train_set))
-            all_batches = batch_indices(order, args.batch_size, 0, min_batch=len(self.ctx))
+            order = epoch_order(runtime.seed, self.epoch, len(self.train_set))
+            all_batches = batch_indices(order, runtime.batch_size, 0, min_batch=len(self.ctx))
             batches = all_batches[self.batch_in_epoch:]
             batches = batches[:min(len(batches), self._steps_left())]
             bar = progress_bar(len(all_batches), "epoch %d" % self.epoch, self.batch_in_epoch)
@@ -394,23 +432,23 @@ class Runner(object):
             for _ in batches:
                 # the step's randomness (augmentation included: with num_workers 0 the
                 # batch is loaded after the reseed) depends on the position only
-                reseed(args.seed, self.epoch, self.batch_in_epoch)
+                reseed(runtime.seed, self.epoch, self.batch_in_epoch)
                 batch = next(batch_iter)
                 step_sum = self.train_step(batch)
                 self.step += 1
                 self.batch_in_epoch += 1
                 self.monitor.add(self.step, step_sum, batch[0].shape[0])
                 bar.update(1)
-                if self._kill_at == self.step:
-                    os.kill(os.getpid(), signal.SIGKILL)
-                if self.step % args.log_every == 0:
+                for callback in self.callbacks:
+                    callback.on_step_end(self)
+                if self.step % runtime.log_every == 0:
                     self.monitor.check()
                     bar.set_postfix(loss="%.4f" % self.monitor.mean)
-                if (args.checkpoint_every and self.step % args.checkpoint_every == 0
+                if (runtime.checkpoint_every and self.step % runtime.checkpoint_every == 0
                         and self.batch_in_epoch < len(all_batches) and self._steps_left() > 0):
                     self.save()
             bar.close()
-            if self.batch_in_epoch < len(all_batches):  # stopped by --max-steps mid-epoch
+            if self.batch_in_epoch < len(all_batches):  # stopped by max_steps mid-epoch
                 self._end_epoch(partial=True)
                 self.save()
                 break

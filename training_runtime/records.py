@@ -33,6 +33,7 @@ import numpy as np
 import mxnet as mx
 from mxnet.gluon.data import RecordFileDataset
 
+from . import registry
 from .errors import UserError
 from .images import decode_image, load_json
 
@@ -211,15 +212,15 @@ def open_split(directory, split, task, dataset=None, limit=None):
 
 
 def _build_dataset(args, split):
-    """The dataset named on the command line, via the package factories."""
-    if args.task == "attr":
-        from imbalanced_attr.data import get_dataset
-    else:
-        from fgvc_gluon.data import get_dataset
+    """The dataset named on the command line, through its family's registry."""
+    family = registry.family(args.task)
+    if args.dataset not in family.datasets:
+        raise UserError("--dataset: expected one of %s for --task %s, got %r"
+                        % (", ".join(family.datasets), args.task, args.dataset))
     options = {"skip_bad_images": args.skip_bad_images}
     if args.limit is not None:
         options["limit"] = args.limit
-    return get_dataset(args.dataset, args.data_dir, split, **options)
+    return family.datasets.get(args.dataset).reader(args.data_dir, split, **options)
 
 
 def main(argv=None):
@@ -230,11 +231,12 @@ def main(argv=None):
         epilog="Train from them: python -m training_runtime.records --task attr --dataset "
                "fashion-mnist --split train val test --out-dir packed/fm, then "
                "python train_attr.py --records packed/fm (train_fgvc.py likewise with --task fgvc).")
-    parser.add_argument("--task", choices=("attr", "fgvc"), required=True,
-                        help="which package's datasets: attr (imbalanced_attr) or fgvc (fgvc_gluon)")
+    families = registry.families()
+    parser.add_argument("--task", choices=tuple(families), required=True,
+                        help="the task family whose datasets to read (the registered families)")
     parser.add_argument("--dataset", required=True,
-                        help="dataset name, e.g. wider, peta, pa100k, fashion-mnist (attr); "
-                             "cub, cub-s3n, aircraft, cars, flowers, folder, fashion-mnist (fgvc)")
+                        help="dataset name: " + "; ".join(
+                            "%s (--task %s)" % (", ".join(f.datasets), name) for name, f in families.items()))
     parser.add_argument("--data-dir", default=None, help="dataset root directory")
     parser.add_argument("--split", nargs="+", default=["train"], metavar="SPLIT",
                         help="split(s) to pack (train, val, trainval, test; default train)")

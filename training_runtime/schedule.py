@@ -69,11 +69,23 @@ class LRSchedule(object):
         """React to the validation ``metric`` of ``epoch``; returns True if the lr changed."""
         return False
 
+    def rebase(self, base_lr):
+        """A new base lr (a resume with a changed --lr): the current lr is scaled
+        by the same ratio, so drops already taken are kept; returns the new lr."""
+        if not base_lr > 0:
+            raise ValueError("base_lr: expected a positive learning rate, got %r" % (base_lr,))
+        if float(base_lr) != self.base_lr:
+            self.lr = self.lr * (float(base_lr) / self.base_lr)
+            self.base_lr = float(base_lr)
+            self.apply()
+        return self.lr
+
     def state_dict(self):
         return {"lr": self.lr, "base_lr": self.base_lr}
 
     def load_state_dict(self, state):
         self.lr = float(state["lr"])
+        self.base_lr = float(state.get("base_lr", self.base_lr))
         self.apply()
 
 
@@ -133,3 +145,12 @@ class StepSchedule(LRSchedule):
     def lr_for_epoch(self, epoch):
         drops = sum(1 for s in self.steps if s <= epoch)
         return self.base_lr * self.factor ** drops
+
+
+def make_schedule(optim):
+    """The schedule of an OptimConfig: 'plateau' or 'step' (lr_steps, lr_factor)."""
+    if optim.schedule == "plateau":
+        return PlateauSchedule(optim.lr)
+    if optim.schedule == "step":
+        return StepSchedule(optim.lr, optim.lr_steps, optim.lr_factor)
+    raise ValueError("schedule: expected 'plateau' or 'step', got %r" % (optim.schedule,))

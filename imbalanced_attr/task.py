@@ -1,0 +1,203 @@
+"""The attribute model as a training task (``training_runtime.task.TrainingTask``).
+
+Training follows the original (docs/SPEC.md §1.4): SGD (momentum 0.9, wd
+5e-4, lr 1e-4, batch 24, 250 epochs), one Trainer per block (backbone; fconv,
+fatt, fsr of each stage) sharing the plateau lr rule, validation mAP
+(scikit-learn-style AP, the author's protocol) each epoch, total loss =
+Σ stages attention loss + main loss (docs/SPEC.md §1.3).
+
+Knobs (the run definition's model options): ``loss`` 'paper' (the published
+weighted focal loss and history-weighted attention losses, default) or
+'original' (the plain sigmoid BCE the original script actually ran, IL-1);
+``stable_sigmoid`` (sigmoid / log-sigmoid ops instead of the naive
+1/(1+exp(-x)) whose gradient is NaN below -88.7, IL-3); ``normalize``
+'original' (Caffe means on 0-255) or 'imagenet'; ``mask_unspecified`` (leave
+WIDER's unspecified labels out of the training loss); ``finetune`` (freeze
+the backbone: heads only, no loss on its logits).
+
+Shapes: data N×3×S×S float32; labels N×C float32 in {1, -1, 0};
+``training_loss`` -> (N,); ``predict`` -> {'probabilities': N×C} =
+σ(0.25·(s₂+s₃+s₄+logits)).
+"""
+import collections
+import os
+import sys
+
+import numpy as np
+
+from training_runtime.registry import Knob, MethodEntry
+from training_runtime.task import ParamGroup, TrainingTask
+
+from . import losses
+from .backbones import BACKBONES
+from .data import WIDER_ATTRIBUTES, make_transform, training_targets
+from .metrics import attribute_metrics, average_precision, test_map
+from .model import AttributeModel, aggregate_prediction
+from .params_io import load_original_params
+from .registry import METHODS
+
+
+def validation_map(labels, probs):
+    """The original's train/val mAP: scikit-learn-style AP per attribute with the
+    author's protocol (IL-4): unspecified (0) ignored, -1 -> 0. Returns (mAP, APs)."""
+    aps = []
+    for c in range(labels.shape[1]):
+        specified = labels[:, c] != 0
+        aps.append(average_precision((labels[specified, c] == 1).astype(np.float32),
+                                     probs[specified, c])[0])
+    return float(np.mean(aps)), np.array(aps)
+
+
+def test_report(names, labels, probs, out=sys.stdout):
+    """Print the original's test mAP, per-attribute APs with positive rates, and
+    mA/acc/prec/rec/F1; returns them as a dict."""
+    mean_ap, aps = test_map(labels, probs)
+    extras = attribute_metrics(labels, probs)
+    specified = labels != 0
+    rates = (labels == 1).sum(axis=0) / np.maximum(specified.sum(axis=0), 1)
+    print("test mAP %.4f on %d images (mean positive rate %.4f)" % (mean_ap, len(labels), rates.mean()),
+          file=out)
+    print("%-16s %8s %14s" % ("attribute", "AP", "positive rate"), file=out)
+    for name, ap, rate in zip(names, aps, rates):
+        print("%-16s %8.4f %14.4f" % (name, ap, rate), file=out)
+    print("mA %.4f  accuracy %.4f  precision %.4f  recall %.4f  F1 %.4f" % (
+        extras["mA"], extras["accuracy"], extras["precision"], extras["recall"], extras["f1"]), file=out)
+    return dict(extras, mAP=mean_ap, APs=aps.tolist(), positive_rates=rates.tolist())
+
+
+class AttributeTask(TrainingTask):
+    """The ECCV 2018 attribute model, its losses and its metrics as a task.
+
+    model: a ``training_runtime.config.ModelConfig`` (backbone, image_size,
+    pretrained, options = the knobs above); attribute_names: the C labels;
+    ctx: list of contexts.
+    """
+
+    metric_name = "mAP"
+
+    def __init__(self, model, attribute_names, ctx):
+        options = model.options
+        self.attribute_names = tuple(attribute_names)
+        self.image_size = int(model.image_size)
+        self.loss_mode = options["loss"]
+        self.stable = bool(options["stable_sigmoid"])
+        self.normalize = options["normalize"]
+        self.mask_unspecified = bool(options["mask_unspecified"])
+        self.finetune = bool(options["finetune"])
+        self.ctx = ctx
+        self.net = AttributeModel(len(self.attribute_names), backbone=model.backbone,
+                                  input_size=self.image_size, pretrained=bool(model.pretrained), ctx=ctx)
+        if self.finetune:
+            self.net.backbone.collect_params().setattr("grad_req", "null")
+        self.history = None
+        self._recorded = []
+
+    def blocks(self):
+        return self.net.blocks()
+
+    def hybridize(self):
+        self.net.hybridize()  # the whole model as one graph
+
+    def param_groups(self):
+        return [ParamGroup(name, block.collect_params()) for name, block in self.blocks().items()
+                if not (self.finetune and block is self.net.backbone)]
+
+    def transform(self, train):
+        return make_transform(train, input_size=self.image_size, normalize=self.normalize)
+
+    def prepare_training(self, train_set):
+        """Class weights of the focal loss (WIDER: the original's hard-coded ones)
+        and the prediction history over the training samples."""
+        targets, _ = training_targets(train_set.label_matrix)
+        if self.attribute_names == tuple(WIDER_ATTRIBUTES):
+            ratios = losses.WIDER_BATCH_RATIOS  # hard-coded in the original
+        else:
+            ratios = losses.batch_ratios_from_labels(targets, self.attribute_names)
+        plain = self.loss_mode == "original"
+        self.main_loss = losses.WeightedFocalLoss(ratios, plain_bce=plain, stable=self.stable)
+        self.attention_loss = losses.AttentionHistoryLoss(plain_bce=plain, stable=self.stable)
+        self.history = losses.PredictionHistory(len(train_set), len(self.attribute_names), ctx=self.ctx[0])
+
+    def training_loss(self, data, label, index, epoch):
+        """Per-sample loss (N,) of one device slice: Σ stages attention loss + main loss."""
+        targets, mask = training_targets(label, self.mask_unspecified)
+        mask = mask if self.mask_unspecified else None
+        logits, scores = self.net(data)
+        std_weights = None
+        if self.loss_mode == "paper":
+            std_weights = self.history.std_weights(index, epoch, ctx=data.context)
+        loss = None
+        for score in scores:
+            stage_loss = self.attention_loss(score, targets, std_weights, mask)
+            loss = stage_loss if loss is None else loss + stage_loss
+        if not self.finetune:
+            loss = loss + self.main_loss(logits, targets, mask)
+        # recorded after the step (the original updates the history after the loss)
+        self._recorded.append((index, aggregate_prediction(logits.detach(),
+                                                           [s.detach() for s in scores])))
+        return loss
+
+    def after_step(self, epoch):
+        for index, prediction in self._recorded:
+            self.history.update(index, prediction, epoch)
+        self._recorded = []
+
+    def predict(self, data, epoch):
+        logits, scores = self.net(data)
+        return collections.OrderedDict([("probabilities", aggregate_prediction(logits, scores))])
+
+    def _labels_and_probs(self, batches, epoch):
+        labels, probs = [], []
+        for data, label in batches:
+            probs.append(self.predict(data, epoch)["probabilities"])
+            labels.append(label)
+        return (np.concatenate([l.asnumpy() for l in labels]).astype(np.float32),
+                np.concatenate([p.asnumpy() for p in probs]))
+
+    def evaluate(self, batches, epoch):
+        labels, probs = self._labels_and_probs(batches, epoch)
+        return {"mAP": validation_map(labels, probs)[0]}
+
+    def test_report(self, batches, epoch, out=sys.stdout):
+        labels, probs = self._labels_and_probs(batches, epoch)
+        return test_report(self.attribute_names, labels, probs, out)
+
+    def extra_state(self):
+        return {"history": self.history.state_dict()} if self.history is not None else {}
+
+    def load_extra_state(self, state):
+        if "history" in state:
+            self.history.load_state_dict(state["history"])
+
+    def load_foreign_weights(self, path):
+        """The original's .params files (params_io layout) in directory ``path``."""
+        if not any(f.endswith(".params") for f in os.listdir(path)):
+            return False
+        load_original_params(self.net, path, ctx=self.ctx)
+        return True
+
+
+#: the original's settings (docs/SPEC.md §1.4) as run-definition fields
+ORIGINAL_RECIPE = dict(backbone="resnet101_v1", image_size=224, epochs=250, batch_size=24, lr=1e-4,
+                       momentum=0.9, wd=5e-4, schedule="plateau")
+#: the embedded demo: resnet18_v1 at 32×32 from scratch, minutes on a CPU (README)
+DEMO = dict(backbone="resnet18_v1", image_size=32, epochs=2, batch_size=32, lr=0.005,
+            normalize="imagenet", train_limit=3000, val_limit=1000, test_limit=2000)
+
+METHODS.register(MethodEntry(
+    "attention", build=lambda model, names, ctx: AttributeTask(model, names, ctx),
+    knobs=(
+        Knob("loss", str, "paper", "paper: weighted focal + history-weighted attention losses; "
+             "original: plain sigmoid BCE on every branch, as the original script ran",
+             choices=("paper", "original")),
+        Knob("stable_sigmoid", bool, False, "compute the losses' sigmoid and logs with sigmoid/"
+             "log-sigmoid ops (finite gradients for any logit) instead of the original's naive "
+             "1/(1+exp(-x)), whose gradient is NaN below -88.7 (a deviation, off by default)"),
+        Knob("normalize", str, "original", "original: 0-255 minus (104, 117, 123); imagenet: mean/std "
+             "on 0-1 (demo: imagenet)", choices=("original", "imagenet")),
+        Knob("mask_unspecified", bool, False, "leave unspecified (0) labels out of the training loss"),
+        Knob("finetune", bool, False, "freeze the backbone (no trainer, no loss on its logits): heads only"),
+    ),
+    recipe=ORIGINAL_RECIPE, demo=DEMO, pretrained=True, backbones=BACKBONES,
+    summary="multi-stage attention heads on a tap backbone (ECCV 2018)",
+    foreign_weights="the original's .params files"))

@@ -1,0 +1,63 @@
+"""Fault-injection callbacks for the runner (training_runtime.loop.Callback), and a
+command line that runs a training script with them installed.
+
+    python tests/hooks.py --kill-at-step 5 --nan-at-step 3 -- train_attr.py ARGS...
+
+- :class:`KillAtStep`: the process SIGKILLs itself right after step k (before
+  any checkpoint of that step) — the kill-and-resume tests;
+- :class:`NanAtStep`: the loss of step k becomes NaN before the backward pass
+  (so the parameters become NaN too) — the NaN-guard tests.
+"""
+import argparse
+import os
+import runpy
+import signal
+import sys
+
+from training_runtime import cli
+from training_runtime.loop import Callback
+
+
+class KillAtStep(Callback):
+    def __init__(self, step):
+        self.step = int(step)
+
+    def on_step_end(self, runner):
+        if runner.step == self.step:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+class NanAtStep(Callback):
+    def __init__(self, step):
+        self.step = int(step)
+
+    def on_losses(self, runner, losses):
+        if runner.step + 1 == self.step:
+            return [loss * float("nan") for loss in losses]
+        return losses
+
+
+def callbacks_from(kill_at_step=None, nan_at_step=None):
+    found = []
+    if kill_at_step:
+        found.append(KillAtStep(kill_at_step))
+    if nan_at_step:
+        found.append(NanAtStep(nan_at_step))
+    return found
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--kill-at-step", type=int, default=None)
+    parser.add_argument("--nan-at-step", type=int, default=None)
+    parser.add_argument("script", help="train_attr.py or train_fgvc.py")
+    parser.add_argument("args", nargs=argparse.REMAINDER)
+    options = parser.parse_args()
+    script = runpy.run_path(options.script)  # its main(argv, callbacks)
+    callbacks = callbacks_from(options.kill_at_step, options.nan_at_step)
+    sys.argv = [options.script] + options.args
+    cli.run_main(lambda argv: script["main"](argv, callbacks=callbacks), options.args)
+
+
+if __name__ == "__main__":
+    main()

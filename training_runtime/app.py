@@ -1,0 +1,322 @@
+"""The training scripts' main program, written once for every task family.
+
+``train_attr.py`` and ``train_fgvc.py`` are ``app.main(FAMILY, argv)`` of their
+family (``training_runtime.registry.TaskFamily``). Three actions:
+
+- train (default): resolve the run definition from the flags (or, with
+  ``--resume``, rebuild it from the checkpoint and reconcile the flags with
+  it), load the splits, build the task through the method registry, train
+  with :class:`training_runtime.loop.Runner`, then test and write test.json;
+- ``--test WEIGHTS``: rebuild model and preprocessing from the checkpoint's
+  run definition and report on the test split (the same numbers as the run's
+  own final test);
+- ``--predict IMAGE...``: the main output of every image as CSV.
+
+WEIGHTS is a checkpoint, a run directory (its best, else last checkpoint)
+or, where the task can import them (``TrainingTask.load_foreign_weights``),
+a directory of another program's weight files.
+"""
+import csv
+import json
+import os
+import sys
+
+import mxnet as mx
+import numpy as np
+from mxnet import gluon
+
+from . import checkpoint, cli, config as run_config, records
+from .errors import UserError
+from .images import load_image
+from .loop import (TEST_FILE, Runner, evaluate, evaluated_epoch, evaluation_batches, freeze_batchnorm,
+                   use_sync_batchnorm)
+from .schedule import make_schedule
+
+
+# ---------------------------------------------------------------------------- parser
+
+def recipes_text(family):
+    """The --help epilog: each method's upstream recipe and demo overrides."""
+    lines = ["Recipes (the defaults; any flag overrides them; the demo values apply on the "
+             "embedded demo data, %s):" % family.demo_dataset]
+    for entry in family.methods.values():
+        upstream = dict(entry.recipe, pretrained=entry.pretrained)
+        lines.append("  %s%s" % (entry.name, ": " + entry.summary if entry.summary else ""))
+        lines.append("    upstream: " + ", ".join("%s=%s" % kv for kv in sorted(upstream.items())))
+        if entry.knobs:
+            lines.append("    knobs:    " + ", ".join("%s=%s" % (k.name, k.default) for k in entry.knobs))
+        if entry.demo:
+            lines.append("    demo:     " + ", ".join("%s=%s" % kv for kv in sorted(entry.demo.items())))
+    lines.append("Datasets: " + "; ".join(
+        "%s (splits %s)" % (d.name, "/".join(d.splits)) for d in family.datasets.values()))
+    return "\n".join(lines)
+
+
+def build_parser(family, doc):
+    """The script's parser: the run-definition flags plus the actions."""
+    summary, _, rest = doc.strip().partition("\n\n")
+    parser = cli.make_parser(summary, epilog=rest + "\n\n" + recipes_text(family),
+                             prog=family.script + ".py")
+    g = parser.add_argument_group("run directory")
+    g.add_argument("--save-dir", default=None,
+                   help="output directory (default: runs/%s-<timestamp>)" % family.script)
+    g.add_argument("--resume", nargs="?", const="last", default=None, metavar="CHECKPOINT",
+                   help="continue a run: a checkpoint file, a run directory, or nothing for "
+                        "<save-dir>/%s; the run definition comes from the checkpoint (--lr, --epochs, "
+                        "--max-steps, devices, --checkpoint-every may change and are reported)"
+                        % checkpoint.LAST)
+    g.add_argument("--overwrite", action="store_true",
+                   help="reuse a --save-dir that already holds a run (its run files are removed)")
+    g.add_argument("--traceback", action="store_true",
+                   help="show the full Python stack of an error (also TRAINING_RUNTIME_TRACEBACK=1)")
+    g = parser.add_argument_group("test and prediction")
+    g.add_argument("--test", nargs="?", const="", default=None, metavar="WEIGHTS",
+                   help="only test: WEIGHTS is a checkpoint or a run directory (its best checkpoint); "
+                        "model and preprocessing come from its run definition (default: --weights)")
+    g.add_argument("--predict", nargs="+", default=None, metavar="IMAGE",
+                   help="write the model's main output for these images to --output (CSV)")
+    g.add_argument("--weights", default=None, help="model for --test / --predict (as --test WEIGHTS)")
+    g.add_argument("--output", default="predictions.csv", help="CSV written by --predict")
+    run_config.add_arguments(parser, family, method_flag=len(family.methods) > 1)
+    return parser
+
+
+def main(family, argv=None, doc="", callbacks=()):
+    """Parse ``argv`` and run the action; returns the test report (train, --test)."""
+    args = build_parser(family, doc).parse_args(argv)
+    given = run_config.given_values(args, family)
+    if args.predict is not None:
+        return run_predict(family, args, given)
+    if args.test is not None:
+        return run_test(family, args, given)
+    return run_training(family, args, given, argv, callbacks)
+
+
+# ---------------------------------------------------------------------------- pieces
+
+def label_names(dataset):
+    """A reader's label names: ``attribute_names`` or ``class_names``."""
+    names = getattr(dataset, "attribute_names", None)
+    return tuple(names if names is not None else dataset.class_names)
+
+
+def load_split(family, config, split, limit, flag):
+    """The ``split`` of the configured dataset (its images, or the packed records);
+    a reader's bad-split error names ``flag``."""
+    data = config.data
+    if data.records is not None:
+        return records.open_split(data.records, split, family.name, data.dataset, limit)
+    entry = family.datasets.get(data.dataset)
+    opts = {"limit": limit}
+    if data.skip_bad_images:
+        opts["skip_bad_images"] = True
+    try:
+        return entry.reader(data.data_dir, split, **opts)
+    except UserError as err:
+        if str(err).startswith("split:"):
+            raise UserError("%s: %s" % (flag, str(err)[len("split: "):]))
+        raise
+
+
+def check_same_labels(names, dataset, what):
+    """UserError when ``dataset``'s label names are not ``names``."""
+    theirs = label_names(dataset)
+    if len(theirs) != len(names):
+        raise UserError("%s has %d labels, expected %d (%s)" % (what, len(theirs), len(names),
+                                                                   ", ".join(names[:5])))
+    for mine, other in zip(names, theirs):
+        if mine != other:
+            raise UserError("%s: label %r where %r was expected (the label names must match)"
+                            % (what, other, mine))
+
+
+def build_task(family, config, names, ctx, pretrained):
+    """The task of ``config`` for labels ``names`` on ``ctx``: BatchNorm mode applied,
+    every block hybridized. A method's ValueError becomes a UserError naming it."""
+    entry = family.methods.get(config.model.method)
+    model = run_config.dataclasses.replace(config.model, pretrained=bool(pretrained))
+    if model.backbone not in entry.backbones and entry.backbones:
+        raise UserError("--backbone: expected one of %s for %s, got %r"
+                        % (", ".join(entry.backbones), entry.name, model.backbone))
+    try:
+        task = entry.build(model, tuple(names), ctx)
+    except ValueError as err:
+        raise UserError("--method %s: %s" % (entry.name, err))
+    blocks = task.check_declared()
+    for block in blocks.values():
+        if config.runtime.batchnorm == "sync" and len(ctx) > 1:
+            use_sync_batchnorm(block, len(ctx))
+        elif config.runtime.batchnorm == "frozen":
+            freeze_batchnorm(block)
+    task.hybridize()
+    return task
+
+
+def saved_config(record, family, path, flag):
+    """The run definition stored in a checkpoint record; UserError if it is another script's."""
+    meta = record["meta"]
+    if meta.get("script") != family.script:
+        raise UserError("%s: %s is a checkpoint of %s, not of %s"
+                        % (flag, path, meta.get("script"), family.script))
+    if "config" not in meta:
+        raise UserError("%s: %s holds no run definition (written by an older version of %s); "
+                        "retrain or test it with that version" % (flag, path, family.script))
+    try:
+        return run_config.RunConfig.from_dict(meta["config"])
+    except (TypeError, ValueError) as err:
+        raise UserError("%s: %s holds a malformed run definition (%s)" % (flag, path, err))
+
+
+def checkpoint_meta(family, config, names):
+    """What a checkpoint stores to identify the run: the script, the whole run
+    definition and the label names (checked on resume and test)."""
+    return {"script": family.script, "config": config.to_dict(), "labels": list(names),
+            "num_classes": len(names), "backbone": config.model.backbone}
+
+
+def write_json(path, value):
+    with open(path, "w") as f:
+        json.dump(value, f, indent=1)
+
+
+# ---------------------------------------------------------------------------- train
+
+def run_training(family, args, given, argv, callbacks=()):
+    resume_file = cli.resume_path(args)
+    changes = []
+    if resume_file:
+        record = checkpoint.read(resume_file, "--resume")[0]
+        saved = saved_config(record, family, resume_file, "--resume")
+        config, changes = run_config.reconcile(saved, given, family, "resume", resume_file)
+    else:
+        config = run_config.resolve(family, given)
+    ctx = cli.contexts(config.runtime)
+    mx.random.seed(config.runtime.seed)  # parameter initialisation
+    np.random.seed(config.runtime.seed)
+    data = config.data
+    train_set = load_split(family, config, data.train_split, data.train_limit, "--train-split")
+    val_set = load_split(family, config, data.val_split, data.val_limit, "--val-split")
+    names = label_names(train_set)
+    if len(label_names(val_set)) != len(names):
+        raise UserError("--val-split: split %r of %s has %d classes, the training split %r has %d"
+                        % (data.val_split, data.dataset, len(label_names(val_set)), data.train_split,
+                           len(names)))
+    check_same_labels(names, val_set, "--val-split %s" % data.val_split)
+    save_dir = cli.prepare_save_dir(args, family.script, config.to_dict(),
+                                    list(sys.argv[1:] if argv is None else argv))
+    task = build_task(family, config, names, ctx, config.model.pretrained and not resume_file)
+    try:
+        task.prepare_training(train_set)
+    except ValueError as err:  # e.g. an attribute without positives: the data's fault
+        raise UserError("--train-split %s of %s: %s" % (data.train_split, data.dataset, err))
+    runner = Runner(task, config, ctx, make_schedule(config.optim), save_dir,
+                    train_set.transform_first(task.transform(True)),
+                    val_set.transform_first(task.transform(False)),
+                    checkpoint_meta(family, config, names), callbacks)
+    print("training %s (%s, %s, %d labels) on %d images, validating on %d; %s; saving to %s" % (
+        config.model.method, config.model.backbone, data.dataset, len(names), len(train_set),
+        len(val_set), ", ".join(str(c) for c in ctx), save_dir))
+    if resume_file:
+        runner.resume(resume_file)
+        cli.record_resume(save_dir, resume_file, runner.step, changes)
+        if changes:
+            print("resume: applied %s (from step %d)" % (run_config.describe_changes(changes), runner.step))
+    runner.run()
+    test_set = load_split(family, config, data.test_split, data.test_limit, "--test-split")
+    check_same_labels(names, test_set, "--test-split %s" % data.test_split)
+    epoch = evaluated_epoch({"epoch": runner.epoch, "batch_in_epoch": runner.batch_in_epoch})
+    print("final test of %s after epoch %d on %s (%d images)" % (
+        config.model.method, epoch, data.test_split, len(test_set)))
+    report = evaluate(task, test_set.transform_first(task.transform(False)), ctx, config, epoch,
+                      report=sys.stdout)
+    write_json(os.path.join(save_dir, TEST_FILE), dict(report, epoch=epoch))
+    return report
+
+
+# ---------------------------------------------------------------------------- test and predict
+
+def _inference_task(family, args, given, flag, purpose):
+    """(task, config, names, epoch, source) for --test / --predict."""
+    source = args.test or args.weights
+    if not source:
+        raise UserError("%s: give the model: --test WEIGHTS or --weights WEIGHTS (a checkpoint or a "
+                        "run directory)" % flag)
+    path = checkpoint.run_checkpoint(source)
+    if path is None:
+        if not os.path.isdir(source):
+            raise UserError("%s: %s not found" % (flag, source))
+        entry = family.methods.get(given.get("method") or family.methods.names()[0])
+        if entry.foreign_weights is None:
+            raise UserError("%s: %s holds neither %s nor %s" % (flag, source, checkpoint.BEST, checkpoint.LAST))
+        return _foreign_task(family, given, source, flag, entry.foreign_weights)
+    record = checkpoint.read(path, flag)[0]
+    saved = saved_config(record, family, path, flag)
+    config, _ = run_config.reconcile(saved, given, family, purpose, path)
+    names = tuple(record["meta"]["labels"])
+    ctx = cli.contexts(config.runtime)
+    task = build_task(family, config, names, ctx, pretrained=False)
+    checkpoint.load_parameters(path, task.blocks(), {"script": family.script}, flag)
+    return task, config, names, evaluated_epoch(record["progress"]), path
+
+
+def _foreign_task(family, given, directory, flag, what):
+    """A task with another program's weight files (the run definition from the flags)."""
+    config = run_config.resolve(family, dict(given, pretrained=False))
+    entry = family.datasets.get(config.data.dataset)
+    names = entry.label_names
+    if names is None:
+        names = label_names(load_split(family, config, config.data.test_split, 1, "--test-split"))
+    ctx = cli.contexts(config.runtime)
+    task = build_task(family, config, names, ctx, pretrained=False)
+    if not task.load_foreign_weights(directory):
+        raise UserError("%s: %s holds neither %s nor %s nor %s"
+                        % (flag, directory, checkpoint.BEST, checkpoint.LAST, what))
+    return task, config, tuple(names), 0, directory
+
+
+def run_test(family, args, given):
+    """Report of a trained model on the test split; returns the report dict."""
+    flag = "--test" if args.test is not None and not args.weights else "--weights"
+    task, config, names, epoch, source = _inference_task(family, args, given, flag, "test")
+    data = config.data
+    test_set = load_split(family, config, data.test_split, data.test_limit, "--test-split")
+    check_same_labels(names, test_set, "--test-split %s" % data.test_split)
+    print("testing %s (%s, %s after epoch %d) on %s (%d images)" % (
+        source, config.model.method, config.model.backbone, epoch, data.test_split, len(test_set)))
+    ctx = cli.contexts(config.runtime)
+    return evaluate(task, test_set.transform_first(task.transform(False)), ctx, config, epoch,
+                    report=sys.stdout)
+
+
+class ImageFiles(gluon.data.Dataset):
+    """Items (transformed image, its position) of image files given by path."""
+
+    def __init__(self, paths, transform_fn):
+        self.paths, self.transform_fn = list(paths), transform_fn
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        return self.transform_fn(load_image(self.paths[i])), i
+
+
+def run_predict(family, args, given):
+    """CSV: one row per image, the task's main output per label."""
+    task, config, names, epoch, _ = _inference_task(family, args, given, "--weights", "test")
+    directory = os.path.dirname(os.path.abspath(args.output))
+    if not os.path.isdir(directory):
+        raise UserError("--output: directory %s does not exist" % directory)
+    ctx = cli.contexts(config.runtime)
+    rows = []
+    images = ImageFiles(args.predict, task.transform(False))
+    for data, _ in evaluation_batches(images, ctx, config.runtime.batch_size, 0, "predict"):
+        rows.append(next(iter(task.predict(data, epoch).values())).asnumpy())
+    scores = np.concatenate(rows, axis=0)
+    with open(args.output, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["image"] + list(names))
+        for path, row in zip(args.predict, scores):
+            writer.writerow([path] + ["%.6f" % p for p in row])
+    print("wrote %d predictions to %s" % (len(scores), args.output))
+    return scores

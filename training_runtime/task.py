@@ -1,0 +1,149 @@
+"""The one contract between a model and the runtime: :class:`TrainingTask`.
+
+A task is a model together with how it is trained, evaluated and applied.
+:class:`training_runtime.loop.Runner` trains any task; the command line
+(:mod:`training_runtime.app`) builds tasks from a run definition
+(:mod:`training_runtime.config`) through a registry
+(:mod:`training_runtime.registry`). The attribute model
+(``imbalanced_attr.task.AttributeTask``) and every fine-grained method
+(``fgvc_gluon.task.FGVCTask`` subclasses) are tasks; the runtime knows no
+model beyond this contract.
+
+What the runtime calls, in order:
+
+1. ``blocks()`` -> ordered dict name -> Block: everything a checkpoint holds
+   (declared by the task, never discovered);
+2. ``param_groups()`` -> list of :class:`ParamGroup`: one ``gluon.Trainer``
+   each, every parameter of them inside ``blocks()``;
+3. ``transform(train)`` -> function image -> network input, applied with
+   ``Dataset.transform_first`` (H×W×3 uint8 NDArray -> 3×S×S float32);
+4. ``prepare_training(train_set)``: what training needs from the training
+   split (class weights, per-sample state); not called for --test/--predict;
+5. per step and device slice, inside ``autograd.record()``:
+   ``training_loss(data, label, index, epoch)`` -> per-sample loss, shape (N,)
+   exactly (the runtime checks it), N the slice's batch; the runtime calls
+   ``backward()`` and ``trainer.step(batch_size)``, so the gradient is that of
+   the sum over the whole batch divided by its size;
+6. ``after_step(epoch)``: after every trainer stepped;
+7. ``evaluate(batches, epoch)`` -> dict of float metrics, the one named by
+   ``metric_name`` drives the lr schedule and the ``best`` checkpoint;
+   ``batches`` yields ``(data, label)`` device slices of the evaluation split;
+8. ``extra_state()`` / ``load_extra_state(state)``: more state to checkpoint
+   (numpy arrays and plain numbers);
+9. inference: ``predict(data, epoch)`` -> ordered dict output name -> N×K
+   (first entry the main prediction), and ``test_report(batches, epoch, out)``
+   -> JSON-able dict of the final test, printed to ``out``.
+"""
+import collections
+import sys
+from collections import namedtuple
+
+ParamGroup = namedtuple("ParamGroup", "name params lr_mult optimizer_params follows_schedule")
+ParamGroup.__new__.__defaults__ = (1.0, None, True)
+ParamGroup.__doc__ = """One Trainer's worth of parameters.
+
+name: str, the trainer-state entry in checkpoints.
+params: gluon ParameterDict (or list of Parameters).
+lr_mult: learning rate = schedule lr * lr_mult (S3N's per-group multipliers).
+optimizer_params: dict overriding the optimizer settings for this group
+    (e.g. the center-loss centers: {'learning_rate': 0.5, 'momentum': 0, 'wd': 0}).
+follows_schedule: False keeps this group's learning rate fixed.
+"""
+
+
+class TrainingTask(object):
+    """Base class with documented no-op defaults (see the module docstring).
+
+    Subclasses implement ``blocks``, ``param_groups``, ``transform``,
+    ``training_loss``, ``predict`` and ``evaluate``; the others are optional.
+    """
+
+    #: key of :meth:`evaluate`'s dict that drives the schedule and ``best``
+    metric_name = None
+
+    def blocks(self):
+        """Ordered dict name -> Block of everything a checkpoint holds."""
+        raise NotImplementedError
+
+    def param_groups(self):
+        """List of :class:`ParamGroup`, one Trainer each."""
+        raise NotImplementedError
+
+    def transform(self, train):
+        """Function (H×W×3 uint8 image) -> network input of one sample."""
+        raise NotImplementedError
+
+    def prepare_training(self, train_set):
+        """Set up what training needs from the (untransformed) training split."""
+
+    def training_loss(self, data, label, index, epoch):
+        """Per-sample loss (N,) of one device slice, inside ``autograd.record()``.
+
+        data: N×3×S×S float32; label: the split's labels of the slice; index:
+        (N,) dataset indices of the samples (or None outside the runner);
+        epoch: 0-based.
+        """
+        raise NotImplementedError
+
+    def after_step(self, epoch):
+        """Called after the trainers stepped."""
+
+    def predict(self, data, epoch):
+        """Ordered dict output name -> N×K of one device slice (main output first)."""
+        raise NotImplementedError
+
+    def evaluate(self, batches, epoch):
+        """Dict of float metrics over ``batches`` ((data, label) device slices)."""
+        raise NotImplementedError
+
+    def test_report(self, batches, epoch, out=sys.stdout):
+        """The final test: print it to ``out`` and return a JSON-able dict
+        (by default :meth:`evaluate`'s metrics)."""
+        metrics = self.evaluate(batches, epoch)
+        print("test " + ", ".join("%s %.4f" % kv for kv in metrics.items()), file=out)
+        return metrics
+
+    def extra_state(self):
+        """Dict of numpy arrays and plain numbers saved in checkpoints."""
+        return {}
+
+    def load_extra_state(self, state):
+        """Restore what :meth:`extra_state` returned."""
+
+    def load_foreign_weights(self, path):
+        """Load another program's weight files from ``path`` (e.g. the original
+        attribute code's .params files); False when the task cannot."""
+        return False
+
+    def hybridize(self):
+        """Hybridize the task's networks (after any BatchNorm change, before the first
+        forward); by default every block of ``blocks()``."""
+        for block in self.blocks().values():
+            block.hybridize()  # recursive: a plain Block's HybridBlock children are hybridized
+
+    # ---- helpers every task gets -------------------------------------------------------
+    def trainable_groups(self):
+        """The groups that have at least one parameter with a gradient."""
+        groups = []
+        for group in self.param_groups():
+            params = group.params.values() if hasattr(group.params, "values") else group.params
+            if any(p.grad_req != "null" for p in params):
+                groups.append(group)
+        return groups
+
+    def check_declared(self):
+        """ValueError when a parameter group holds a parameter outside ``blocks()``."""
+        blocks = self.blocks()
+        held = set(id(p) for block in blocks.values() for p in block.collect_params().values())
+        for group in self.param_groups():
+            params = group.params.values() if hasattr(group.params, "values") else group.params
+            missing = [p.name for p in params if id(p) not in held]
+            if missing:
+                raise ValueError("%s: parameter group %s holds parameters outside blocks(): %s"
+                                 % (type(self).__name__, group.name, ", ".join(missing[:3])))
+        return blocks
+
+
+def ordered(*pairs):
+    """``collections.OrderedDict(pairs)``: the usual return value of ``blocks``/``predict``."""
+    return collections.OrderedDict(pairs)
