@@ -30,12 +30,15 @@ Errors: an unknown backbone name, a bad ``num_classes`` or ``input_size``
 raise ValueError / TypeError naming the argument; only a failed download of
 the ImageNet weights (the environment) is a UserError.
 """
+import functools
+
 import mxnet as mx
 from mxnet.base import MXNetError
 from mxnet.gluon import HybridBlock, nn
 from mxnet.gluon.model_zoo import vision
 
 from training_runtime.errors import UserError
+from training_runtime.registry import Registry
 
 # Xavier(gaussian, "in", 2): the initialiser of every new layer in the original.
 XAVIER = mx.init.Xavier(rnd_type="gaussian", factor_type="in", magnitude=2)
@@ -53,7 +56,18 @@ RESNET_TAP2_UNITS = {
 # original's ``stage4_concat15`` is the concat closing layer 16).
 DENSENET_TAP3_LAYERS = {"densenet201": 16}
 
-BACKBONES = tuple(sorted(RESNET_TAP2_UNITS) + sorted(DENSENET_TAP3_LAYERS))
+
+
+class TapBackboneEntry(object):
+    """A registered tap backbone: its model-zoo ``name``, its ``family`` ('resnet' or
+    'densenet': the original's file stem) and ``split(zoo)`` -> the three tap parts."""
+
+    def __init__(self, name, family, split):
+        self.name, self.family, self.split = name, family, split
+
+
+#: the tap backbones, by model-zoo name (registered below)
+TAP_BACKBONES = Registry("tap backbone")
 DEFAULT_BACKBONE = "resnet101_v1"
 
 
@@ -134,6 +148,14 @@ def _densenet_parts(zoo, tap3_layers):
     return to_tap2, to_tap3, to_tap4
 
 
+for _name, _units in sorted(RESNET_TAP2_UNITS.items()):
+    TAP_BACKBONES.register(TapBackboneEntry(_name, "resnet", functools.partial(_resnet_parts, tap2_units=_units)))
+for _name, _layers in sorted(DENSENET_TAP3_LAYERS.items()):
+    TAP_BACKBONES.register(TapBackboneEntry(_name, "densenet",
+                                            functools.partial(_densenet_parts, tap3_layers=_layers)))
+BACKBONES = TAP_BACKBONES.names()
+
+
 def _as_context_list(ctx):
     if ctx is None:
         return [mx.cpu()]
@@ -177,9 +199,10 @@ def get_backbone(name, num_classes, pretrained=False, ctx=None):
     initialised Xavier(gaussian, "in", 2) like the new layers. The new output
     layer is always initialised Xavier(gaussian, "in", 2).
     """
-    if name not in BACKBONES:
+    if name not in TAP_BACKBONES:
         raise ValueError("backbone: unknown backbone %r, expected one of %s"
                          % (name, ", ".join(BACKBONES)))
+    entry = TAP_BACKBONES.get(name)
     _check_positive_int(num_classes, "num_classes")
     contexts = _as_context_list(ctx)
     try:
@@ -191,11 +214,8 @@ def get_backbone(name, num_classes, pretrained=False, ctx=None):
                         "expected them cached in $MXNET_HOME/models (default ~/.mxnet/models) or "
                         "downloadable, or run without pretrained weights"
                         % (name, type(err).__name__, str(err).splitlines()[0] if str(err) else ""))
-    if name in RESNET_TAP2_UNITS:
-        family, parts = "resnet", _resnet_parts(zoo, RESNET_TAP2_UNITS[name])
-    else:
-        family, parts = "densenet", _densenet_parts(zoo, DENSENET_TAP3_LAYERS[name])
-    backbone = TapBackbone(family, *parts, num_classes=num_classes, zoo_prefix=zoo.prefix)
+    backbone = TapBackbone(entry.family, *entry.split(zoo), num_classes=num_classes,
+                           zoo_prefix=zoo.prefix)
     # channel counts do not depend on the spatial size: any valid size will do
     complete_param_shapes(backbone, (1, 3, 224, 224))
     if not pretrained:

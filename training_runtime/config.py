@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 from .errors import UserError
+from .records import packed_dataset_name
 
 
 def _field(default, help, flag=None, choices=None, minimum=None, maximum=None, resumable=False,
@@ -309,7 +310,6 @@ def default_dataset(family, given):
     if given.get("dataset"):
         return given["dataset"]
     if given.get("records"):
-        from .records import packed_dataset_name
         return packed_dataset_name(given["records"], family.name)
     return family.default_dataset if given.get("data_dir") else family.demo_dataset
 

@@ -24,12 +24,14 @@ loadable item (deterministic: index + 1, + 2, ... modulo the length) and
 appended to ``.skipped`` (in the loading process; a DataLoader worker's list
 is its own, the warning is printed either way).
 """
+import json
 import os
 import warnings
 
 import numpy as np
 import mxnet as mx
 from mxnet.gluon.data import Dataset
+from scipy.io import loadmat
 
 from .errors import UserError
 
@@ -278,7 +280,6 @@ def first_existing(candidates, what):
 
 def load_mat(path):
     """scipy.io.loadmat with UserError for a missing or unreadable file."""
-    from scipy.io import loadmat
     if not os.path.isfile(path):
         raise UserError("%s: file not found" % path)
     try:
@@ -289,7 +290,6 @@ def load_mat(path):
 
 def load_json(path, expected):
     """json.load of ``path``; UserError naming the file and ``expected`` when it is not JSON."""
-    import json
     try:
         with open_text(path) as f:
             return json.load(f)

@@ -33,6 +33,8 @@ import time
 import mxnet as mx
 import numpy as np
 from mxnet import autograd, gluon
+from mxnet.gluon.contrib.nn import SyncBatchNorm
+from tqdm import tqdm
 
 from . import checkpoint
 from .errors import UserError
@@ -141,7 +143,6 @@ def use_sync_batchnorm(block, num_devices):
     blocks the only worker while it waits for the others: a deadlock.
     Call before the first forward. Returns the number of layers replaced.
     """
-    from mxnet.gluon.contrib.nn import SyncBatchNorm
     replaced = 0
     for parent, name, bn in _batchnorms(block):
         kw = bn._kwargs
@@ -160,7 +161,6 @@ def use_sync_batchnorm(block, num_devices):
 
 def progress_bar(total, desc, initial=0):
     """A tqdm bar on stderr (silent when stderr is not a terminal)."""
-    from tqdm import tqdm
     return tqdm(total=total, initial=initial, desc=desc, file=sys.stderr,
                 disable=not sys.stderr.isatty(), leave=False, dynamic_ncols=True)
 
@@ -226,7 +226,7 @@ class MetricsLog(object):
         self.plot()
 
     def plot(self):
-        import matplotlib
+        import matplotlib  # imported on first use: it costs a second at start-up
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
         records = self.read()
