@@ -260,7 +260,8 @@ def _add_knob_arguments(parser, family):
             _add_bool(group, knob.flag, name, where + knob.help)
         else:
             group.add_argument(knob.flag, dest=name, type=knob.type, choices=knob.choices,
-                               default=argparse.SUPPRESS, help=help_text)
+                               default=argparse.SUPPRESS, help=help_text,
+                               metavar=None if knob.choices else _metavar(name, knob.type))
 
 
 def knob_names(family):
