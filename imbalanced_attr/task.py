@@ -118,6 +118,17 @@ class AttributeTask(TrainingTask):
         self.attention_loss = losses.AttentionHistoryLoss(plain_bce=plain, stable=self.stable)
         self.history = losses.PredictionHistory(len(train_set), len(self.attribute_names), ctx=self.ctx[0])
 
+    def check_evaluation_split(self, dataset):
+        """An attribute never specified in an evaluation split has no AP (the validation
+        mAP would fail after a whole epoch): refused before training. An attribute
+        specified but without positives keeps its documented AP of 0 (scikit-learn 1.3.2)."""
+        specified = (np.asarray(dataset.label_matrix) != 0).sum(axis=0)
+        never = [name for name, count in zip(self.attribute_names, specified) if count == 0]
+        if never:
+            raise ValueError("attribute %s is never specified (all labels 0), so its AP is undefined; "
+                             "use a larger split (--val-limit / --test-limit) or another split"
+                             % ", ".join(never[:3]))
+
     def training_loss(self, data, label, index, epoch):
         """Per-sample loss (N,) of one device slice: Σ stages attention loss + main loss."""
         targets, mask = training_targets(label, self.mask_unspecified)

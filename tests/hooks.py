@@ -6,7 +6,9 @@ command line that runs a training script with them installed.
 - :class:`KillAtStep`: the process SIGKILLs itself right after step k (before
   any checkpoint of that step) — the kill-and-resume tests;
 - :class:`NanAtStep`: the loss of step k becomes NaN before the backward pass
-  (so the parameters become NaN too) — the NaN-guard tests.
+  (so the parameters become NaN too) — the NaN-guard tests;
+- :class:`SignalAtStep`: the process sends itself a signal (SIGTERM, SIGINT) right
+  after step k, ``count`` times — the pre-emption tests.
 """
 import argparse
 import os
@@ -37,8 +39,21 @@ class NanAtStep(Callback):
         return losses
 
 
-def callbacks_from(kill_at_step=None, nan_at_step=None):
+class SignalAtStep(Callback):
+    def __init__(self, step, signum, count=1):
+        self.step, self.signum, self.count = int(step), int(signum), int(count)
+
+    def on_step_end(self, runner):
+        if runner.step == self.step:
+            for _ in range(self.count):
+                os.kill(os.getpid(), self.signum)
+
+
+def callbacks_from(kill_at_step=None, nan_at_step=None, signal_at_step=None, signal_name="SIGTERM",
+                   signal_count=1):
     found = []
+    if signal_at_step:
+        found.append(SignalAtStep(signal_at_step, getattr(signal, signal_name), signal_count))
     if kill_at_step:
         found.append(KillAtStep(kill_at_step))
     if nan_at_step:
@@ -50,11 +65,15 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--kill-at-step", type=int, default=None)
     parser.add_argument("--nan-at-step", type=int, default=None)
+    parser.add_argument("--signal-at-step", type=int, default=None)
+    parser.add_argument("--signal", default="SIGTERM", choices=("SIGTERM", "SIGINT"))
+    parser.add_argument("--signal-count", type=int, default=1)
     parser.add_argument("script", help="train_attr.py or train_fgvc.py")
     parser.add_argument("args", nargs=argparse.REMAINDER)
     options = parser.parse_args()
     script = runpy.run_path(options.script)  # its main(argv, callbacks)
-    callbacks = callbacks_from(options.kill_at_step, options.nan_at_step)
+    callbacks = callbacks_from(options.kill_at_step, options.nan_at_step, options.signal_at_step,
+                               options.signal, options.signal_count)
     sys.argv = [options.script] + options.args
     cli.run_main(lambda argv: script["main"](argv, callbacks=callbacks), options.args)
 

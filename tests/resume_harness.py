@@ -24,16 +24,20 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HOOKS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hooks.py")
 
 
-def run_script(script, args, env=None, expect=0, timeout=300, kill_at_step=None, nan_at_step=None):
+def run_script(script, args, env=None, expect=0, timeout=300, kill_at_step=None, nan_at_step=None,
+               signal_at_step=None, signal="SIGTERM", signal_count=1):
     """Run ``python <ROOT>/<script> args`` from ROOT (through tests/hooks.py when a
     fault is to be injected); assert the exit status unless expect is None."""
     full_env = dict(os.environ, **(env or {}))
     command = [sys.executable, os.path.join(ROOT, script)]
-    if kill_at_step or nan_at_step:
+    if kill_at_step or nan_at_step or signal_at_step:
         command = [sys.executable, HOOKS]
-        for flag, value in (("--kill-at-step", kill_at_step), ("--nan-at-step", nan_at_step)):
+        for flag, value in (("--kill-at-step", kill_at_step), ("--nan-at-step", nan_at_step),
+                            ("--signal-at-step", signal_at_step)):
             if value:
                 command += [flag, str(value)]
+        if signal_at_step:
+            command += ["--signal", signal, "--signal-count", str(signal_count)]
         command.append(os.path.join(ROOT, script))
     proc = subprocess.run(command + list(args), cwd=ROOT,
                           env=full_env, capture_output=True, text=True, timeout=timeout)

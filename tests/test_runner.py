@@ -267,3 +267,12 @@ def test_registry_names_the_choices():
     with pytest.raises(ValueError, match="registered twice"):
         family.methods.register(family.methods.get("toy"))
     assert set(registry.families()) == {"attr", "fgvc"}  # the installed entry points
+
+
+def test_free_space_is_checked_before_the_first_step(tmp_path, monkeypatch):
+    import shutil
+    runner = make_runner(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10 ** 9, 10 ** 9 - 10, 10))
+    with pytest.raises(UserError, match="not enough disk space in %s" % tmp_path):
+        runner.run()
+    assert runner.step == 0

@@ -106,7 +106,7 @@ def test_nan_guard_names_the_step_and_keeps_the_last_good_checkpoint(tmp_path, f
                     nan_at_step=3, expect=2)
     assert proc.stderr.strip().splitlines()[-1] == (
         "error: training diverged: the loss is nan at step 3 (lower --lr?); the last good "
-        "checkpoint is kept")
+        "checkpoint (step 2) is kept: %s" % os.path.join(save_dir, "last.ckpt"))
     assert "Traceback" not in proc.stderr
     record, params = params_of(os.path.join(save_dir, "last.ckpt"))
     assert record["progress"]["step"] == 2
@@ -153,6 +153,7 @@ class _Args(object):
 def test_save_dir_holding_a_run_is_refused_unless_resume_or_overwrite(tmp_path):
     run = str(tmp_path / "run")
     cli.prepare_save_dir(_Args(run), "train_attr")
+    open(os.path.join(run, "metrics.jsonl"), "w").close()  # the run has progress
     with pytest.raises(UserError, match="already holds a run; pass --resume .* or --overwrite"):
         cli.prepare_save_dir(_Args(run), "train_attr")
     open(os.path.join(run, checkpoint.LAST), "w").write("old")

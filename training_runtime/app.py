@@ -26,7 +26,8 @@ import numpy as np
 from mxnet import gluon
 
 from . import checkpoint, cli, config as run_config, records
-from .errors import UserError
+from .errors import UserError, writing
+from .fingerprint import describe_difference, fingerprint
 from .images import load_image
 from .loop import (TEST_FILE, Runner, evaluate, evaluated_epoch, evaluation_batches, freeze_batchnorm,
                    use_sync_batchnorm)
@@ -167,15 +168,35 @@ def saved_config(record, family, path, flag):
         raise UserError("%s: %s holds a malformed run definition (%s)" % (flag, path, err))
 
 
-def checkpoint_meta(family, config, names):
+def checkpoint_meta(family, config, names, train_set):
     """What a checkpoint stores to identify the run: the script, the whole run
-    definition and the label names (checked on resume and test)."""
+    definition, the label names (checked on resume and test) and the training
+    split's fingerprint (checked on resume)."""
     return {"script": family.script, "config": config.to_dict(), "labels": list(names),
-            "num_classes": len(names), "backbone": config.model.backbone}
+            "num_classes": len(names), "backbone": config.model.backbone,
+            "data": fingerprint(train_set)}
+
+
+def check_resumed_data(record, train_set, path, data):
+    """UserError when the training split differs from the one the checkpoint was trained on."""
+    saved = record["meta"].get("data")
+    if saved is None:
+        return
+    difference = describe_difference(saved, fingerprint(train_set))
+    if difference:
+        raise UserError("--resume: the training split %s of %s now has %s (images added, removed or "
+                        "relabelled?); resuming would change the data order: restore the data or start "
+                        "a new run (%s)" % (data.train_split, data.dataset, difference, path))
+
+
+def skipped_images(**splits):
+    """{split: number of bad images skipped} of the splits that skipped any."""
+    return {name: int(getattr(split, "num_skipped", 0)) for name, split in splits.items()
+            if getattr(split, "num_skipped", 0)}
 
 
 def write_json(path, value):
-    with open(path, "w") as f:
+    with writing(path), open(path, "w") as f:
         json.dump(value, f, indent=1)
 
 
@@ -202,9 +223,20 @@ def run_training(family, args, given, argv, callbacks=()):
                         % (data.val_split, data.dataset, len(label_names(val_set)), data.train_split,
                            len(names)))
     check_same_labels(names, val_set, "--val-split %s" % data.val_split)
+    # the test split too is read and checked before any training
+    test_set = load_split(family, config, data.test_split, data.test_limit, "--test-split")
+    check_same_labels(names, test_set, "--test-split %s" % data.test_split)
+    if resume_file:
+        check_resumed_data(record, train_set, resume_file, data)
     save_dir = cli.prepare_save_dir(args, family.script, config.to_dict(),
                                     list(sys.argv[1:] if argv is None else argv))
     task = build_task(family, config, names, ctx, config.model.pretrained and not resume_file)
+    for split, flag in ((val_set, "--val-split %s" % data.val_split),
+                        (test_set, "--test-split %s" % data.test_split)):
+        try:
+            task.check_evaluation_split(split)
+        except ValueError as err:
+            raise UserError("%s of %s: %s" % (flag, data.dataset, err))
     try:
         task.prepare_training(train_set)
     except ValueError as err:  # e.g. an attribute without positives: the data's fault
@@ -212,7 +244,12 @@ def run_training(family, args, given, argv, callbacks=()):
     runner = Runner(task, config, ctx, make_schedule(config.optim), save_dir,
                     train_set.transform_first(task.transform(True)),
                     val_set.transform_first(task.transform(False)),
-                    checkpoint_meta(family, config, names), callbacks)
+                    checkpoint_meta(family, config, names, train_set), callbacks,
+                    extra_record=lambda: {"skipped_images": skipped_images(train=train_set, val=val_set)})
+    skipped = skipped_images(train=train_set, val=val_set, test=test_set)
+    if skipped:
+        print("skipping bad images (--skip-bad-images): %s" % ", ".join(
+            "%d in %s" % (n, name) for name, n in skipped.items()))
     print("training %s (%s, %s, %d labels) on %d images, validating on %d; %s; saving to %s" % (
         config.model.method, config.model.backbone, data.dataset, len(names), len(train_set),
         len(val_set), ", ".join(str(c) for c in ctx), save_dir))
@@ -222,14 +259,13 @@ def run_training(family, args, given, argv, callbacks=()):
         if changes:
             print("resume: applied %s (from step %d)" % (run_config.describe_changes(changes), runner.step))
     runner.run()
-    test_set = load_split(family, config, data.test_split, data.test_limit, "--test-split")
-    check_same_labels(names, test_set, "--test-split %s" % data.test_split)
     epoch = evaluated_epoch({"epoch": runner.epoch, "batch_in_epoch": runner.batch_in_epoch})
     print("final test of %s after epoch %d on %s (%d images)" % (
         config.model.method, epoch, data.test_split, len(test_set)))
     report = evaluate(task, test_set.transform_first(task.transform(False)), ctx, config, epoch,
                       report=sys.stdout)
-    write_json(os.path.join(save_dir, TEST_FILE), dict(report, epoch=epoch))
+    write_json(os.path.join(save_dir, TEST_FILE),
+               dict(report, epoch=epoch, skipped_images=skipped_images(test=test_set)))
     return report
 
 
@@ -305,6 +341,8 @@ def run_predict(family, args, given):
     """CSV: one row per image, the task's main output per label."""
     task, config, names, epoch, _ = _inference_task(family, args, given, "--weights", "test")
     directory = os.path.dirname(os.path.abspath(args.output))
+    if os.path.isdir(args.output):
+        raise UserError("--output: %s is a directory; expected the path of a CSV file" % args.output)
     if not os.path.isdir(directory):
         raise UserError("--output: directory %s does not exist" % directory)
     ctx = cli.contexts(config.runtime)
@@ -313,7 +351,7 @@ def run_predict(family, args, given):
     for data, _ in evaluation_batches(images, ctx, config.runtime.batch_size, 0, "predict"):
         rows.append(next(iter(task.predict(data, epoch).values())).asnumpy())
     scores = np.concatenate(rows, axis=0)
-    with open(args.output, "w", newline="") as f:
+    with writing(args.output), open(args.output, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["image"] + list(names))
         for path, row in zip(args.predict, scores):

@@ -39,7 +39,7 @@ import zipfile
 import mxnet as mx
 import numpy as np
 
-from .errors import UserError
+from .errors import UserError, writing
 
 FORMAT = "training_runtime-checkpoint-1"
 LAST, BEST = "last.ckpt", "best.ckpt"
@@ -56,9 +56,14 @@ def _param_dict(block):
     return block._collect_params_with_prefix()
 
 
-def _trainer_state_bytes(trainer, workdir):
-    """The bytes ``Trainer.save_states`` writes (optimizer + momentum)."""
-    fd, path = tempfile.mkstemp(prefix=".trainer-", dir=workdir)
+TRAINER_TEMP_PREFIX = ".trainer-"
+
+
+def _trainer_state_bytes(trainer, workdir=None):
+    """The bytes ``Trainer.save_states`` writes (optimizer + momentum), through a
+    temporary file in the system's temporary directory (never the run directory:
+    a kill mid-save leaves nothing there; ``workdir`` is ignored)."""
+    fd, path = tempfile.mkstemp(prefix=TRAINER_TEMP_PREFIX)
     os.close(fd)
     try:
         trainer.save_states(path)
@@ -68,8 +73,10 @@ def _trainer_state_bytes(trainer, workdir):
         os.remove(path)
 
 
-def _load_trainer_state(trainer, data, workdir):
-    fd, path = tempfile.mkstemp(prefix=".trainer-", dir=workdir)
+def _load_trainer_state(trainer, data, workdir=None):
+    """``Trainer.load_states`` of ``data`` through the system's temporary directory
+    (so a checkpoint in a read-only directory can be resumed)."""
+    fd, path = tempfile.mkstemp(prefix=TRAINER_TEMP_PREFIX)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -91,6 +98,39 @@ def _write_npz(fileobj, arrays):
     np.savez(fileobj, **arrays)
 
 
+def temporary_prefix(path):
+    """The prefix of :func:`replaced_atomically`'s temporary files for ``path``."""
+    return ".%s.tmp-" % os.path.basename(path)
+
+
+def stale_temporaries(directory):
+    """Temporary files a killed write left in ``directory`` (ours: ``.<name>.tmp-*``
+    and ``.trainer-*``)."""
+    if not os.path.isdir(directory):
+        return []
+    return sorted(os.path.join(directory, f) for f in os.listdir(directory)
+                  if f.startswith(".") and (".tmp-" in f or f.startswith(TRAINER_TEMP_PREFIX)))
+
+
+def remove_stale_temporaries(directory):
+    """Remove :func:`stale_temporaries`; returns (count, bytes) removed."""
+    count = size = 0
+    for path in stale_temporaries(directory):
+        try:
+            size += os.path.getsize(path)
+            os.remove(path)
+            count += 1
+        except OSError:
+            pass  # gone already, or not ours to remove: the run goes on
+    return count, size
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def replaced_atomically(path):
     """Yield a hidden temporary path beside ``path`` for the caller to write.
@@ -100,12 +140,13 @@ def replaced_atomically(path):
     removed. A crash at any point leaves the previous ``path`` intact.
     """
     directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".%s.tmp-" % os.path.basename(path), dir=directory)
+    fd, tmp = tempfile.mkstemp(prefix=temporary_prefix(path), dir=directory)
     os.close(fd)
     try:
         yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 -> the mode of the run's other files
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -145,8 +186,7 @@ def capture(blocks, trainers, schedule, progress, meta, extra=None, workdir=".")
             value = param.list_data()[0].asnumpy()
             if not np.all(np.isfinite(value)):
                 raise DivergedError(
-                    "training diverged: parameter %s/%s is not finite at step %d "
-                    "(lower --lr?); the last good checkpoint is kept"
+                    "training diverged: parameter %s/%s is not finite at step %d (lower --lr?)"
                     % (block_name, name, progress["step"]))
             arrays["param/%s/%s" % (block_name, name)] = value
     for name, trainer in trainers.items():
@@ -186,7 +226,8 @@ def payload_bytes(arrays):
 
 def save(path, arrays):
     """Write a :func:`capture` snapshot to ``path`` atomically."""
-    atomic_write(path, arrays, payload_bytes(arrays))
+    with writing(path):
+        atomic_write(path, arrays, payload_bytes(arrays))
 
 
 def link_atomic(source, destination):
@@ -196,7 +237,7 @@ def link_atomic(source, destination):
     one) placed under a temporary name and ``os.replace``'d; a byte copy
     where links are not supported.
     """
-    with replaced_atomically(destination) as tmp:
+    with writing(destination), replaced_atomically(destination) as tmp:
         os.remove(tmp)  # os.link needs a free name
         try:
             os.link(source, tmp)
@@ -207,19 +248,175 @@ def link_atomic(source, destination):
 
 
 def read(path, flag="--resume"):
-    """(record dict, arrays dict) of a checkpoint file, or a UserError naming ``path``."""
+    """(record dict, arrays dict) of a checkpoint file, or a UserError naming ``path``.
+
+    Any damage is reported as ``<flag>: <path> is not a readable checkpoint
+    (<reason>)``: bytes that are not an npz archive (every zip entry's CRC-32
+    is verified: numpy reads each entry to its end, where zipfile compares the
+    checksum), and a record or arrays that lack what :func:`restore` and the
+    callers use (``format``, ``meta``, ``progress`` with ``step``, ``schedule``,
+    ``extra``, the random states) or hold it with the wrong types.
+    """
     if not os.path.isfile(path):
         raise UserError("%s: checkpoint %s not found" % (flag, path))
     try:
-        with np.load(path, allow_pickle=False) as data:
-            arrays = {k: data[k] for k in data.files}
-        record = json.loads(str(arrays.pop("record")))
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as err:
-        raise UserError("%s: %s is not a readable checkpoint (%s)" % (flag, path, err))
+        arrays = _read_npz(path)
+        record = _read_record(arrays)
+        if isinstance(record, dict) and record.get("format") == FORMAT:
+            _read_check_contents(record, arrays)
+    except _Unreadable as err:
+        raise UserError("%s: %s is not a readable checkpoint (%s)" % (flag, path, err)) from err
     if record.get("format") != FORMAT:
         raise UserError("%s: %s is not a checkpoint of this program (format %r, expected %r)"
                         % (flag, path, record.get("format"), FORMAT))
     return record, arrays
+
+
+class _Unreadable(Exception):
+    """Why a checkpoint file cannot be used (the reason in :func:`read`'s message)."""
+
+
+def _read_npz(path):
+    """name -> array of the npz at ``path``; _Unreadable for anything else.
+
+    The bytes are untrusted and decoding them is third-party code (zipfile,
+    numpy's header parser) whose failures on damaged input are open-ended:
+    BadZipFile, NotImplementedError (a flipped compression method or version),
+    EOFError, tokenize.TokenError, struct.error, UnicodeDecodeError, ... Any
+    exception raised while decoding is therefore the file's fault.
+    """
+    try:
+        with open(path, "rb") as f:
+            if not zipfile.is_zipfile(f):
+                raise _Unreadable("not a zip archive (truncated or not a checkpoint)")
+            f.seek(0)
+            with np.load(f, allow_pickle=False) as data:
+                if not isinstance(data, np.lib.npyio.NpzFile):
+                    raise _Unreadable("not an npz archive")
+                return {k: data[k] for k in data.files}
+    except _Unreadable:
+        raise
+    except MemoryError:
+        raise _Unreadable("an entry's header claims more memory than is available")
+    except Exception as err:  # noqa: BLE001 -- see the docstring
+        raise _Unreadable(_read_reason(err)) from err
+
+
+def _read_reason(err):
+    """One line: the exception's type and the first line of its message, at most ~160 characters."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    name = type(err).__name__
+    if not lines:
+        return name
+    text = lines[0] if len(lines[0]) <= 160 else lines[0][:157] + "..."
+    return "%s: %s" % (name, text)
+
+
+def _read_record(arrays):
+    """The JSON record of a checkpoint's arrays (removed from ``arrays``)."""
+    if "record" not in arrays:
+        raise _Unreadable("no 'record' entry")
+    raw = arrays.pop("record")
+    if raw.dtype.kind != "U" or raw.shape != ():
+        raise _Unreadable("'record' is a %s array of shape %s, expected a JSON string"
+                          % (raw.dtype, raw.shape))
+    try:
+        record = json.loads(str(raw))
+    except (ValueError, RecursionError) as err:
+        raise _Unreadable("'record' is not JSON: %s" % err) from err
+    if not isinstance(record, dict):
+        raise _Unreadable("'record' is a JSON %s, expected an object" % type(record).__name__)
+    return record
+
+
+def _read_is_int(value):
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _read_is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+# optional entries of meta / progress: the type each must have where present
+_READ_META_TYPES = {"script": (str,), "model": (str,), "dataset": (str,), "backbone": (str,),
+                    "config": (dict,), "labels": (list,), "num_classes": (int,)}
+_READ_PROGRESS_INTS = ("epoch", "batch_in_epoch", "loss_count", "batch_size", "seed")
+_READ_PROGRESS_NUMBERS = ("loss_sum", "epoch_time")
+
+
+def _read_check_contents(record, arrays):
+    """_Unreadable unless record and arrays hold what restore and the callers use."""
+    def expect(where, value, ok, what):
+        if not ok(value):
+            raise _Unreadable("record %s is %s, expected %s" % (where, _read_short(value), what))
+
+    for key in ("meta", "progress", "schedule", "extra", "python_random", "numpy_random"):
+        if key not in record:
+            raise _Unreadable("record has no %r" % key)
+    for key in ("meta", "progress", "schedule", "extra"):
+        expect(key, record[key], lambda v: isinstance(v, dict), "an object")
+    for key, types in _READ_META_TYPES.items():
+        if key in record["meta"]:
+            expect("meta.%s" % key, record["meta"][key],
+                   lambda v: isinstance(v, types) and not isinstance(v, bool), types[0].__name__)
+    if "labels" in record["meta"]:
+        expect("meta.labels", record["meta"]["labels"],
+               lambda v: all(isinstance(s, str) for s in v), "a list of names")
+    progress = record["progress"]
+    if "step" not in progress:
+        raise _Unreadable("record progress has no 'step'")
+    expect("progress.step", progress["step"], lambda v: _read_is_int(v) and v >= 0,
+           "a non-negative integer")
+    for key in _READ_PROGRESS_INTS:
+        if key in progress:
+            expect("progress.%s" % key, progress[key], lambda v: _read_is_int(v) and v >= 0,
+                   "a non-negative integer")
+    for key in _READ_PROGRESS_NUMBERS:
+        if key in progress:
+            expect("progress.%s" % key, progress[key], _read_is_number, "a number")
+    if "best" in progress:
+        expect("progress.best", progress["best"], lambda v: v is None or _read_is_number(v),
+               "a number or null")
+    schedule = record["schedule"]
+    if "lr" not in schedule:
+        raise _Unreadable("record schedule has no 'lr'")
+    for key in ("lr", "base_lr", "best"):
+        if key in schedule:
+            expect("schedule.%s" % key, schedule[key], _read_is_number, "a number")
+    for key in ("patience", "drops"):
+        if key in schedule:
+            expect("schedule.%s" % key, schedule[key], lambda v: _read_is_int(v) and v >= 0,
+                   "a non-negative integer")
+    for name, numbers in record["extra"].items():
+        expect("extra.%s" % name, numbers, lambda v: isinstance(v, dict), "an object")
+    try:  # the random states must be ones restore can set (checked on private generators)
+        random.Random().setstate(_tuples(record["python_random"]))
+    except (TypeError, ValueError, OverflowError, IndexError, RecursionError) as err:
+        raise _Unreadable("record python_random is not a random state (%s)" % err) from err
+    if "rng/numpy" not in arrays:
+        raise _Unreadable("no 'rng/numpy' entry")
+    state = record["numpy_random"]
+    expect("numpy_random", state, lambda v: isinstance(v, list) and len(v) == 4,
+           "[kind, pos, has_gauss, gauss]")
+    key = arrays["rng/numpy"]
+    if key.dtype != np.uint32 or key.shape != (624,):
+        raise _Unreadable("'rng/numpy' is a %s array of shape %s, expected uint32 (624,)"
+                          % (key.dtype, key.shape))
+    try:
+        np.random.RandomState().set_state((state[0], key, state[1], state[2], state[3]))
+    except (TypeError, ValueError, OverflowError) as err:
+        raise _Unreadable("record numpy_random is not a random state (%s)" % err) from err
+    for name, value in arrays.items():
+        if name.startswith("param/") and value.dtype.kind not in "fiu":
+            raise _Unreadable("parameter %s is a %s array, expected numbers" % (name[6:], value.dtype))
+        if name.startswith("trainer/") and (value.dtype != np.uint8 or value.ndim != 1):
+            raise _Unreadable("optimizer state %s is a %s array of shape %s, expected bytes"
+                              % (name[8:], value.dtype, value.shape))
+
+
+def _read_short(value):
+    text = json.dumps(value) if not isinstance(value, float) else repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def run_checkpoint(source):

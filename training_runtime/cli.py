@@ -8,7 +8,8 @@
   each resume appends a line to ``resumes.jsonl`` (from which step, what
   changed);
 - :func:`run_main`: prints any :class:`UserError` as one line
-  ``error: <message>`` and exits with status 2; ``--traceback`` (or
+  ``error: <message>`` and exits with status 2 (a run stopped by SIGINT /
+  SIGTERM: ``interrupted: ...``, status 130 / 143); ``--traceback`` (or
   ``TRAINING_RUNTIME_TRACEBACK=1``) shows the full stack instead. Other
   exceptions are programming errors and keep their traceback.
 """
@@ -21,7 +22,7 @@ import sys
 import mxnet as mx
 
 from . import checkpoint
-from .errors import UserError
+from .errors import RunInterrupted, UserError, writing
 from .loop import ARGS_FILE, CURVES_FILE, METRICS_FILE, RESUMES_FILE, TEST_FILE
 
 #: files that make a directory "hold a run" (and that --overwrite removes)
@@ -53,8 +54,13 @@ def contexts(args):
     return [mx.cpu(i) for i in range(args.cpus)]
 
 
+#: what makes a directory hold a run: its progress (a run that failed before its first
+#: evaluation left only args.json and may be started again)
+PROGRESS_FILES = (checkpoint.LAST, checkpoint.BEST, METRICS_FILE)
+
+
 def _holds_run(directory):
-    return any(os.path.exists(os.path.join(directory, f)) for f in RUN_FILES)
+    return any(os.path.exists(os.path.join(directory, f)) for f in PROGRESS_FILES)
 
 
 def resume_path(args):
@@ -94,14 +100,21 @@ def prepare_save_dir(args, script, config=None, argv=None):
         for name in RUN_FILES:
             path = os.path.join(directory, name)
             if os.path.exists(path):
-                os.remove(path)
+                with writing(path, "remove the old run's file"):
+                    os.remove(path)
     try:
         os.makedirs(directory, exist_ok=True)
     except OSError as err:
         raise UserError("--save-dir: cannot create %s (%s)" % (directory, err))
+    count, size = checkpoint.remove_stale_temporaries(directory)
+    if count:
+        print("removed %d temporary file(s) (%.1f MB) left in %s by an interrupted write"
+              % (count, size / 1048576.0, directory))
     if not args.resume:
-        with open(os.path.join(directory, ARGS_FILE), "w") as f:
-            json.dump({"script": script, "config": config, "argv": argv}, f, indent=1, sort_keys=True)
+        path = os.path.join(directory, ARGS_FILE)
+        with writing(path), checkpoint.replaced_atomically(path) as tmp:
+            with open(tmp, "w") as f:
+                json.dump({"script": script, "config": config, "argv": argv}, f, indent=1, sort_keys=True)
     return directory
 
 
@@ -110,7 +123,8 @@ def record_resume(directory, path, step, changes):
     and each changed setting as [name, old, new]."""
     line = {"time": datetime.datetime.now().isoformat(timespec="seconds"), "checkpoint": path,
             "from_step": step, "changes": [list(c) for c in changes]}
-    with open(os.path.join(directory, RESUMES_FILE), "a") as f:
+    path = os.path.join(directory, RESUMES_FILE)
+    with writing(path), open(path, "a") as f:
         f.write(json.dumps(line) + "\n")
 
 
@@ -127,6 +141,9 @@ def run_main(main, argv=None):
         message = " ".join(str(err).split())  # always one line
         print("error: %s" % message, file=sys.stderr)
         sys.exit(UserError.exit_code)
+    except RunInterrupted as stop:
+        print("interrupted: %s" % stop, file=sys.stderr)
+        sys.exit(stop.exit_code)
 
 
 def make_parser(description, epilog=None, prog=None):

@@ -27,7 +27,9 @@ import json
 import math
 import os
 import random
+import signal
 import sys
+import threading
 import time
 
 import mxnet as mx
@@ -37,7 +39,7 @@ from mxnet.gluon.contrib.nn import SyncBatchNorm
 from tqdm import tqdm
 
 from . import checkpoint
-from .errors import UserError
+from .errors import RunInterrupted, UserError, writing
 from .task import ParamGroup  # noqa: F401  (re-exported: its historical home)
 
 ARGS_FILE = "args.json"
@@ -189,8 +191,7 @@ class LossMonitor(object):
             if not np.isfinite(value):
                 self._pending = []
                 raise checkpoint.DivergedError(
-                    "training diverged: the loss is %s at step %d (lower --lr?); the last good "
-                    "checkpoint is kept" % (value, step))
+                    "training diverged: the loss is %s at step %d (lower --lr?)" % (value, step))
             self.loss_sum += float(value)
             self.count += n
         self._pending = []
@@ -201,29 +202,48 @@ class LossMonitor(object):
 
 
 class MetricsLog(object):
-    """metrics.jsonl (one JSON line per epoch) and the training-curves PNG."""
+    """metrics.jsonl (one JSON line per epoch) and the training-curves PNG.
 
-    def __init__(self, save_dir):
+    A torn last line (a kill in the middle of an append) is dropped on reading
+    and reported through ``log``; a damaged earlier line is a UserError.
+    """
+
+    def __init__(self, save_dir, log=print):
         self.path = os.path.join(save_dir, METRICS_FILE)
         self.curves = os.path.join(save_dir, CURVES_FILE)
+        self.log = log
 
     def read(self):
         if not os.path.exists(self.path):
             return []
         with open(self.path) as f:
-            return [json.loads(line) for line in f if line.strip()]
+            lines = [line for line in f.read().split("\n") if line.strip()]
+        records = []
+        for number, line in enumerate(lines, 1):
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                if number == len(lines):
+                    self.log("%s: dropped a torn last line (a run killed while writing it)" % self.path)
+                    break
+                raise UserError("%s: line %d: expected one JSON record per line, got %r"
+                                % (self.path, number, line[:60]))
+        return records
 
     def truncate(self, epoch):
         """Drop the lines of ``epoch`` and later (a resumed run writes them again)."""
         keep = [r for r in self.read() if r["epoch"] < epoch]
-        with open(self.path, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in keep)
+        with writing(self.path), checkpoint.replaced_atomically(self.path) as tmp:
+            with open(tmp, "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in keep)
 
     def append(self, record):
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-            f.flush()
-        self.plot()
+        with writing(self.path):
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+                f.flush()
+        with writing(self.curves):
+            self.plot()
 
     def plot(self):
         import matplotlib  # imported on first use: it costs a second at start-up
@@ -243,8 +263,11 @@ class MetricsLog(object):
         if metric_keys:
             ax_metric.legend()
         fig.tight_layout()
-        fig.savefig(self.curves)
-        plt.close(fig)
+        try:
+            with checkpoint.replaced_atomically(self.curves) as tmp:
+                fig.savefig(tmp, format="png")
+        finally:
+            plt.close(fig)
 
 
 def make_trainer(params, optim, optimizer_params=None):
@@ -300,7 +323,7 @@ class Runner(object):
     """
 
     def __init__(self, task, config, ctx, schedule, save_dir, train_set, val_set, meta,
-                 callbacks=(), log=print):
+                 callbacks=(), log=print, extra_record=None):
         self.task, self.config, self.ctx, self.schedule = task, config, ctx, schedule
         self.optim, self.runtime = config.optim, config.runtime
         self.save_dir, self.log, self.meta = save_dir, log, meta
@@ -310,7 +333,10 @@ class Runner(object):
         for group in task.trainable_groups():
             trainer = make_trainer(group.params, self.optim, group.optimizer_params)
             self.trainers[group.name] = schedule.attach(trainer, group.lr_mult, group.follows_schedule)
-        self.metrics = MetricsLog(save_dir)
+        self.metrics = MetricsLog(save_dir, log)
+        #: () -> dict merged into every metrics.jsonl record (e.g. skipped-image counts)
+        self.extra_record = extra_record or dict
+        self._signal = None
         self.train_set = IndexedDataset(train_set)
         self.val_set = val_set
         self.epoch, self.batch_in_epoch, self.step = 0, 0, 0
@@ -396,7 +422,8 @@ class Runner(object):
         metrics = {k: float(v) if isinstance(v, (int, float, np.number)) else v
                    for k, v in evaluate(self.task, self.val_set, self.ctx, self.config, self.epoch).items()}
         value = metrics[self.task.metric_name]
-        improved = value > self.best
+        # a partial epoch's evaluation never sets the best of the full epochs
+        improved = value > self.best and not partial
         if improved:
             self.best = value
         lr = self.schedule.lr
@@ -405,6 +432,7 @@ class Runner(object):
         elapsed = self._elapsed()
         record = {"epoch": self.epoch, "lr": lr, "train_loss": self.monitor.mean,
                   "val": metrics, "time": round(elapsed, 3), "steps": self.step}
+        record.update(self.extra_record())
         if partial:
             record["partial"] = True
         self.metrics.append(record)
@@ -417,8 +445,66 @@ class Runner(object):
     def _steps_left(self):
         return self.runtime.max_steps - self.step if self.runtime.max_steps else math.inf
 
+    def checkpoint_bytes(self):
+        """An estimate of one checkpoint's size: the parameters plus one optimizer buffer each."""
+        return 2 * sum(int(np.prod(p.shape)) * np.dtype(p.dtype).itemsize
+                       for block in self.blocks.values() for p in block.collect_params().values()
+                       if all(d > 0 for d in p.shape)) + checkpoint.SAFETY_BYTES
+
+    # ---- signals: finish the step, checkpoint, exit 128 + signal -----------
+    def _on_signal(self, signum, frame):
+        if self._signal is not None:  # the second signal: leave at once
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        self._signal = signum
+        self.log("%s received: finishing step %d, then saving a checkpoint (send it again to stop "
+                 "at once)" % (signal.Signals(signum).name, self.step + 1))
+
+    def _install_signal_handlers(self):
+        self._previous_handlers = {}
+        if threading.current_thread() is not threading.main_thread():
+            return  # signal handlers can only be set from the main thread
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            self._previous_handlers[signum] = signal.signal(signum, self._on_signal)
+
+    def _restore_signal_handlers(self):
+        for signum, handler in self._previous_handlers.items():
+            signal.signal(signum, handler)
+
+    def _stop_for_signal(self, saved=False):
+        """Save at the current step (unless just ``saved``) and raise RunInterrupted
+        (after a SIGINT / SIGTERM)."""
+        if not saved:
+            self.save()
+        name = signal.Signals(self._signal).name
+        raise RunInterrupted(
+            "%s: stopped after step %d (epoch %d); the checkpoint is %s: continue with --resume "
+            "--save-dir %s" % (name, self.step, self.epoch, os.path.join(self.save_dir, checkpoint.LAST),
+                               self.save_dir), 128 + self._signal)
+
     def run(self):
-        """Train until the configured epochs or max_steps, evaluating and checkpointing."""
+        """Train until the configured epochs or max_steps, evaluating and checkpointing.
+
+        SIGINT / SIGTERM: the current step finishes, a checkpoint of it is written and
+        :class:`RunInterrupted` is raised (exit status 130 / 143); a second signal
+        stops at once. A divergence names the last good checkpoint, if any.
+        """
+        checkpoint.check_free_space(self.save_dir, self.checkpoint_bytes())
+        self._install_signal_handlers()
+        try:
+            self._run()
+        except checkpoint.DivergedError as err:
+            last = os.path.join(self.save_dir, checkpoint.LAST)
+            if os.path.exists(last):
+                step = checkpoint.read(last)[0]["progress"]["step"]
+                raise checkpoint.DivergedError("%s; the last good checkpoint (step %d) is kept: %s"
+                                               % (err, step, last))
+            raise checkpoint.DivergedError("%s; no checkpoint was written yet" % err)
+        finally:
+            self._restore_signal_handlers()
+
+    def _run(self):
         runtime = self.runtime
         while self.epoch < self.optim.epochs and self._steps_left() > 0:
             self._segment_start = time.time()
@@ -430,6 +516,8 @@ class Runner(object):
             bar = progress_bar(len(all_batches), "epoch %d" % self.epoch, self.batch_in_epoch)
             batch_iter = iter(self._loader(batches))
             for _ in batches:
+                if self._signal is not None:
+                    self._stop_for_signal()
                 # the step's randomness (augmentation included: with num_workers 0 the
                 # batch is loaded after the reseed) depends on the position only
                 reseed(runtime.seed, self.epoch, self.batch_in_epoch)
@@ -444,13 +532,16 @@ class Runner(object):
                 if self.step % runtime.log_every == 0:
                     self.monitor.check()
                     bar.set_postfix(loss="%.4f" % self.monitor.mean)
+                if self._signal is not None and self.batch_in_epoch < len(all_batches):
+                    self._stop_for_signal()
                 if (runtime.checkpoint_every and self.step % runtime.checkpoint_every == 0
                         and self.batch_in_epoch < len(all_batches) and self._steps_left() > 0):
                     self.save()
             bar.close()
             if self.batch_in_epoch < len(all_batches):  # stopped by max_steps mid-epoch
                 self._end_epoch(partial=True)
-                self.save()
+                # best.ckpt exists after any evaluation; a full epoch replaces it later
+                self.save(best=not os.path.exists(os.path.join(self.save_dir, checkpoint.BEST)))
                 break
             improved = self._end_epoch()
             self.epoch += 1
@@ -458,5 +549,7 @@ class Runner(object):
             self.monitor = LossMonitor()
             self.epoch_time, self._segment_start = 0.0, time.time()
             self.save(best=improved)
+            if self._signal is not None and self.epoch < self.optim.epochs:
+                self._stop_for_signal(saved=True)
         if self._steps_left() <= 0:
             self.log("stopped after %d steps (--max-steps)" % self.step)

@@ -110,6 +110,10 @@ class TrainingTask(object):
     def load_extra_state(self, state):
         """Restore what :meth:`extra_state` returned."""
 
+    def check_evaluation_split(self, dataset):
+        """ValueError when ``dataset`` (an untransformed evaluation split) cannot be
+        evaluated (e.g. an attribute that is never specified); checked before training."""
+
     def load_foreign_weights(self, path):
         """Load another program's weight files from ``path`` (e.g. the original
         attribute code's .params files); False when the task cannot."""
