@@ -264,3 +264,21 @@ def test_skipped_images_are_counted_in_the_log_and_the_metrics(tmp_path, fashion
                               "--save-dir", save_dir]).stdout
     assert "skipping bad images (--skip-bad-images): 1 in train" in out
     assert [r["skipped_images"] for r in metrics_without_time(save_dir)] == [{"train": 1}]
+
+
+def test_predict_names_an_unreadable_image_or_skips_it(reference, tmp_path, capsys):
+    from helpers import write_image
+    good = write_image(str(tmp_path / "good.png"), class_image(0, 1), fmt="PNG")
+    bad = str(tmp_path / "bad.png")
+    with open(bad, "wb") as f:
+        f.write(open(good, "rb").read()[:50])  # truncated
+    output = str(tmp_path / "p.csv")
+    status, err = main_error(train_fgvc.main, ["--predict", good, bad, "--weights", reference,
+                                               "--output", output], capsys)
+    assert status == 2 and len(err) == 1 and err[0].startswith("error: %s: " % bad)
+    assert not os.path.exists(output)
+    train_fgvc.main(["--predict", good, bad, "--weights", reference, "--output", output,
+                     "--skip-bad-images"])
+    assert "skipped unreadable image %s" % bad in capsys.readouterr().out
+    rows = open(output).read().splitlines()
+    assert len(rows) == 2 and rows[1].startswith(good + ",")

@@ -325,16 +325,28 @@ def run_test(family, args, given):
 
 
 class ImageFiles(gluon.data.Dataset):
-    """Items (transformed image, its position) of image files given by path."""
+    """Items (transformed image, its position) of image files given by path, decoded
+    once up front: a bad file is a UserError naming it, or with ``skip_bad_images``
+    left out (``skipped`` lists it)."""
 
-    def __init__(self, paths, transform_fn):
-        self.paths, self.transform_fn = list(paths), transform_fn
+    def __init__(self, paths, transform_fn, skip_bad_images=False):
+        self.paths, self.images, self.skipped = [], [], []
+        for path in paths:
+            try:
+                self.images.append(load_image(path))
+            except UserError:
+                if not skip_bad_images:
+                    raise
+                self.skipped.append(path)
+                continue
+            self.paths.append(path)
+        self.transform_fn = transform_fn
 
     def __len__(self):
         return len(self.paths)
 
     def __getitem__(self, i):
-        return self.transform_fn(load_image(self.paths[i])), i
+        return self.transform_fn(self.images[i]), i
 
 
 def run_predict(family, args, given):
@@ -347,14 +359,18 @@ def run_predict(family, args, given):
         raise UserError("--output: directory %s does not exist" % directory)
     ctx = cli.contexts(config.runtime)
     rows = []
-    images = ImageFiles(args.predict, task.transform(False))
+    images = ImageFiles(args.predict, task.transform(False), config.data.skip_bad_images)
+    for path in images.skipped:
+        print("skipped unreadable image %s (--skip-bad-images)" % path)
+    if not len(images):
+        raise UserError("--predict: none of the %d images could be read" % len(args.predict))
     for data, _ in evaluation_batches(images, ctx, config.runtime.batch_size, 0, "predict"):
         rows.append(next(iter(task.predict(data, epoch).values())).asnumpy())
     scores = np.concatenate(rows, axis=0)
     with writing(args.output), open(args.output, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["image"] + list(names))
-        for path, row in zip(args.predict, scores):
+        for path, row in zip(images.paths, scores):
             writer.writerow([path] + ["%.6f" % p for p in row])
     print("wrote %d predictions to %s" % (len(scores), args.output))
     return scores
