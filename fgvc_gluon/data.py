@@ -7,9 +7,11 @@ directory the archive extracts to):
 
 - CUB-200-2011 (``CUB``, name 'cub'): ``images.txt`` (id path),
   ``image_class_labels.txt`` (id class, 1-based), ``train_test_split.txt``
-  (id 1=train/0=test), optional ``classes.txt`` and ``bounding_boxes.txt``
-  (id x y w h; used with ``crop_boxes=True``), images under ``images/``.
-  Splits train / test.
+  (id 1=train/0=test; any other value is an error naming the line), optional
+  ``classes.txt`` (ids 1..N in order; an empty file is an error, a missing one
+  means 200 unnamed classes) and ``bounding_boxes.txt`` (id x y w h, finite
+  numbers; used with ``crop_boxes=True``), images under ``images/``. An id
+  given twice in a list is an error. Splits train / test.
 - CUB as S3N reads it (``CUBS3N``, 'cub-s3n'): ``root/<split>.txt`` with
   lines ``<image_name> <class_id>`` (S3N splits on one space; class ids
   0-based, ``label_base=1`` for 1-based lists), images under ``root/images/``.
@@ -38,6 +40,11 @@ directory the archive extracts to):
   28×28 grey images as 3 channels; splits of training_runtime.fashion_mnist.split_arrays
   (train = first 50,000, val = last 10,000 training images, test).
 
+Every list file is read as UTF-8 (a leading BOM is dropped; other encodings
+are a UserError naming the file and the byte offset), and .mat variables of the
+wrong type or shape are UserErrors naming the file and the variable
+(``cars_train_annos.mat: annotations(3).class: expected ...``).
+
 Every name of :data:`DATASETS` is registered in :data:`fgvc_gluon.registry.DATASETS`
 (a :class:`training_runtime.registry.DatasetEntry`: reader ``(data_dir, split,
 **opts)`` = :func:`get_dataset`, and the default (train, evaluated every epoch,
@@ -57,9 +64,9 @@ from training_runtime import fashion_mnist
 from training_runtime.errors import UserError
 from training_runtime.registry import DatasetEntry
 from training_runtime.images import (IMAGENET_MEAN, IMAGENET_STD, ImageListDataset,
-                                     ArrayImageDataset, check_split, crop_box,
-                                     first_existing, load_image, load_mat, mat_strings,
-                                     open_text, require_root)
+                                     ArrayImageDataset, check_split, crop_box, describe_mat,
+                                     first_existing, load_image, load_mat, mat_integers,
+                                     mat_numbers, mat_strings, open_text, require_root)
 
 from . import registry
 
@@ -109,13 +116,25 @@ class ClassDataset(ImageListDataset):
         self.split = split
 
 
-def _read_id_table(path, fields, converters):
+def _finite_float(text):
+    """float(text), ValueError for NaN and infinities (a box must be a real number)."""
+    value = float(text)
+    if not np.isfinite(value):
+        raise ValueError("not a finite number: %r" % text)
+    return value
+
+
+def _read_id_table(path, fields, converters, check=None, lines=None):
     """``id v1 v2 ...`` lines -> OrderedDict id -> tuple of converted values.
 
     fields: number of values after the id (the last one takes the rest of the
-    line when converters[-1] is str).
+    line when converters[-1] is str). check: None, or ``check(values)`` -> None
+    or what is wrong ("expected 0 or 1, got 2"), raised naming the line. An id
+    given twice is an error naming both lines. lines: None, or a dict filled
+    with id -> line number.
     """
     table = OrderedDict()
+    seen = {} if lines is None else lines
     with open_text(path) as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
@@ -125,11 +144,25 @@ def _read_id_table(path, fields, converters):
                 raise UserError("%s line %d: expected an id and %d value(s), got %r"
                                 % (path, number, fields, line.strip()[:80]))
             try:
-                table[parts[0]] = tuple(c(v) for c, v in zip(converters, parts[1:]))
+                values = tuple(c(v) for c, v in zip(converters, parts[1:]))
             except ValueError:
                 raise UserError("%s line %d: expected numbers, got %r"
                                 % (path, number, line.strip()[:80]))
+            problem = check(values) if check is not None else None
+            if problem:
+                raise UserError("%s line %d: %s" % (path, number, problem))
+            if parts[0] in table:
+                raise UserError("%s line %d: id %s is given twice (first on line %d)"
+                                % (path, number, parts[0], seen[parts[0]]))
+            table[parts[0]] = values
+            seen[parts[0]] = number
     return table
+
+
+def _train_test_value(values):
+    if values[0] not in (0, 1):
+        return "expected 1 (train) or 0 (test), got %d" % values[0]
+    return None
 
 
 # ----------------------------------------------------------------------------- CUB
@@ -144,15 +177,29 @@ class CUB(ClassDataset):
                  for name in ("images", "image_class_labels", "train_test_split",
                               "bounding_boxes", "classes")}
         images = _read_id_table(files["images"], 1, (str,))
+        if not images:
+            raise UserError("%s: expected lines '<image id> <image path>', got an empty file"
+                            % files["images"])
         classes = _read_id_table(files["image_class_labels"], 1, (int,))
-        is_train = _read_id_table(files["train_test_split"], 1, (int,))
+        is_train = _read_id_table(files["train_test_split"], 1, (int,), check=_train_test_value)
         names = None
         if os.path.isfile(files["classes"]):
-            names = [v[0] for v in _read_id_table(files["classes"], 1, (str,)).values()]
+            class_table = _read_id_table(files["classes"], 1, (str,))
+            if not class_table:
+                raise UserError("%s: expected one line '<class id> <class name>' per class, got "
+                                "an empty file (delete it to use %d unnamed classes)"
+                                % (files["classes"], CUB_CLASSES))
+            expected = [str(i) for i in range(1, len(class_table) + 1)]
+            if list(class_table) != expected:
+                first = next(i for i, (a, b) in enumerate(zip(class_table, expected)) if a != b)
+                raise UserError("%s: expected class ids 1..%d in order, got id %s on entry %d"
+                                % (files["classes"], len(class_table), list(class_table)[first],
+                                   first + 1))
+            names = [v[0] for v in class_table.values()]
         num_classes = len(names) if names else CUB_CLASSES
         boxes = None
         if crop_boxes:
-            boxes_table = _read_id_table(files["bounding_boxes"], 4, (float,) * 4)
+            boxes_table = _read_id_table(files["bounding_boxes"], 4, (_finite_float,) * 4)
         want = 1 if split == "train" else 0
         paths, labels, box_list = [], [], []
         for image_id, (rel,) in images.items():
@@ -215,7 +262,15 @@ class Aircraft(ClassDataset):
         variants_path = os.path.join(data_dir, "variants.txt")
         with open_text(variants_path) as f:
             variants = [line.strip() for line in f if line.strip()]
-        index = {name: i for i, name in enumerate(variants)}
+        if not variants:
+            raise UserError("%s: expected one variant name per line, got an empty file"
+                            % variants_path)
+        index = {}
+        for i, name in enumerate(variants):
+            if name in index:
+                raise UserError("%s: variant %r is listed twice (entries %d and %d)"
+                                % (variants_path, name, index[name] + 1, i + 1))
+            index[name] = i
         list_path = os.path.join(data_dir, "images_variant_%s.txt" % split)
         paths, labels = [], []
         with open_text(list_path) as f:
@@ -245,8 +300,13 @@ class Aircraft(ClassDataset):
 
 # ----------------------------------------------------------------------------- Cars
 
-def _struct_rows(mat, key, path, fields):
-    """Rows of a MATLAB struct array ``mat[key]`` as dicts of the named scalar/str fields."""
+def _struct_rows(mat, key, path, fields, text_fields=()):
+    """Rows of a MATLAB struct array ``mat[key]`` as dicts of the named fields.
+
+    Fields in ``text_fields`` are strings, the others numbers (float); UserError
+    naming the file, the element (``annotations(3).class``, 1-based as in
+    MATLAB) and the field when a value is missing or of the wrong type.
+    """
     if key not in mat:
         raise UserError("%s: expected a variable %r" % (path, key))
     array = mat[key].ravel()
@@ -256,12 +316,23 @@ def _struct_rows(mat, key, path, fields):
         raise UserError("%s: expected fields %s in %r, missing %s"
                         % (path, ", ".join(fields), key, ", ".join(missing)))
     rows = []
-    for record in array:
+    for number, record in enumerate(array, 1):
         row = {}
         for field in fields:
             value = record[field]
-            strings = mat_strings(value) if np.asarray(value).dtype.kind in "OUS" else None
-            row[field] = strings[0] if strings else float(np.asarray(value).ravel()[0])
+            where = "%s: %s(%d).%s" % (path, key, number, field)
+            if field in text_fields:
+                strings = mat_strings(value, where)
+                if len(strings) != 1 or not strings[0].strip():
+                    raise UserError("%s: expected one non-empty string, got %s"
+                                    % (where, describe_mat(value)))
+                row[field] = strings[0]
+            else:
+                numbers = mat_numbers(value, where).ravel()
+                if numbers.size != 1 or not np.isfinite(numbers[0]):
+                    raise UserError("%s: expected one finite number, got %s"
+                                    % (where, describe_mat(value)))
+                row[field] = float(numbers[0])
         rows.append(row)
     return rows
 
@@ -277,12 +348,19 @@ class Cars(ClassDataset):
         meta = load_mat(meta_path)
         if "class_names" not in meta:
             raise UserError("%s: expected a variable 'class_names'" % meta_path)
-        names = mat_strings(meta["class_names"])
+        names = mat_strings(meta["class_names"], "%s: class_names" % meta_path)
+        if not names:
+            raise UserError("%s: class_names: expected the class names, got none" % meta_path)
         name = "cars_train_annos.mat" if split == "train" else "cars_test_annos_withlabels.mat"
         ann_path = first_existing([os.path.join(root, "devkit", name), os.path.join(root, name)],
                                    name)
         rows = _struct_rows(load_mat(ann_path), "annotations", ann_path,
-                            ("bbox_x1", "bbox_y1", "bbox_x2", "bbox_y2", "class", "fname"))
+                            ("bbox_x1", "bbox_y1", "bbox_x2", "bbox_y2", "class", "fname"),
+                            text_fields=("fname",))
+        for number, row in enumerate(rows, 1):
+            if row["class"] != int(row["class"]):
+                raise UserError("%s: annotations(%d).class: expected a whole class number, got %g"
+                                % (ann_path, number, row["class"]))
         image_dir = os.path.join(root, "cars_train" if split == "train" else "cars_test")
         paths = [os.path.join(image_dir, r["fname"]) for r in rows]
         labels = [int(r["class"]) - 1 for r in rows]
@@ -310,12 +388,12 @@ class Flowers(ClassDataset):
         labels_mat, setid = load_mat(labels_path), load_mat(setid_path)
         if "labels" not in labels_mat:
             raise UserError("%s: expected a variable 'labels'" % labels_path)
-        all_labels = np.asarray(labels_mat["labels"]).ravel().astype(int) - 1
+        all_labels = mat_integers(labels_mat["labels"], "%s: labels" % labels_path) - 1
         ids = []
         for key in self.SPLIT_KEYS[split]:
             if key not in setid:
                 raise UserError("%s: expected a variable %r" % (setid_path, key))
-            ids.extend(np.asarray(setid[key]).ravel().astype(int).tolist())
+            ids.extend(mat_integers(setid[key], "%s: %s" % (setid_path, key)).tolist())
         bad = [i for i in ids if not 1 <= i <= len(all_labels)]
         if bad:
             raise UserError("%s: expected image numbers in 1..%d, got %d"

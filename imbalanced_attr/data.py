@@ -16,6 +16,10 @@ WIDER-Attribute (``WiderAttribute(root, split)``), two sources:
   trained on SRN's per-box crops: 28,340 trainval + 29,177 test; boxes with no
   area after clipping are dropped and counted in ``dropped_boxes``). Train /
   val come from trainval by the image's folder (``train/...`` or ``val/...``).
+  Every field of every entry is type-checked whatever the split (``file_name``
+  a path, ``targets`` a list of objects, ``attribute`` C numbers in {-1, 0, 1},
+  ``bbox`` 4 finite numbers, ``attribute_id_map`` integer keys -> names):
+  ``<file>: image <file_name> target <k>: expected ..., got ...``.
 - ``source='srn'``: the SRN lists the original read (utilities.get_data):
   ``wider_att/wider_att_{train,test}_imglist.txt`` (one image path per line,
   first token; quotes, trailing commas and a leading ``./`` or ``/`` are
@@ -25,6 +29,10 @@ WIDER-Attribute (``WiderAttribute(root, split)``), two sources:
   is in 'val' when a folder of its path is named ``val``; the rest of the
   train list is 'train'. These images are already person crops.
 - ``source='auto'`` (default): json when the json file exists, else srn.
+
+Text files are read as UTF-8 (a leading BOM dropped); .mat variables of the
+wrong type or shape are UserErrors naming the file and the variable
+(``PETA.mat: peta.attribute: expected a cell array of strings, got ...``).
 
 The original then resized every crop to 256×256 (PIL, aspect ratio not kept):
 :func:`make_transform` does that resize first.
@@ -45,6 +53,7 @@ PA-100K (``PA100K(root, split)``): ``annotation.mat`` (in ``root`` or
 and ``{train,val,test}_label`` (0/1 -> -1/1); images under ``root/data/`` or
 ``root/release_data/release_data/``.
 """
+import math
 import os
 import random
 
@@ -56,9 +65,9 @@ from mxnet.gluon.data.vision import transforms
 from training_runtime import fashion_mnist
 from training_runtime.errors import UserError
 from training_runtime.images import (IMAGENET_MEAN, IMAGENET_STD, ImageListDataset,
-                                     ArrayImageDataset, check_split,
-                                     first_existing, load_json, load_mat, mat_strings, open_text,
-                                     require_root)
+                                     ArrayImageDataset, check_split, describe_mat,
+                                     first_existing, load_json, load_mat, mat_integers,
+                                     mat_numbers, mat_strings, open_text, require_root)
 from training_runtime.registry import DatasetEntry
 
 from . import fashion_attributes
@@ -132,11 +141,26 @@ def training_targets(labels, mask_unspecified=False):
     return targets, mask
 
 
-def _mat_field(struct, name, path):
-    if struct.dtype.names is None or name not in struct.dtype.names:
-        raise UserError("%s: expected a field %r in the struct, found %s"
-                        % (path, name, ", ".join(struct.dtype.names or ())))
+def _mat_field(struct, name, path, what="the struct"):
+    """Field ``name`` of a loadmat struct record; UserError naming the file and ``what``."""
+    names = getattr(getattr(struct, "dtype", None), "names", None)
+    if names is None or name not in names:
+        raise UserError("%s: %s: expected a field %r, found %s"
+                        % (path, what, name, ", ".join(names) if names else
+                           "no fields (%s)" % describe_mat(struct)))
     return struct[name]
+
+
+def _mat_record(value):
+    """The struct record inside cell/1x1-array nesting (None if there is none)."""
+    while isinstance(value, np.ndarray) and value.dtype.names is None and \
+            value.dtype.kind == "O" and value.size == 1:
+        value = value.ravel()[0]
+    if isinstance(value, np.ndarray) and value.dtype.names is not None and value.size == 1:
+        value = value.ravel()[0]
+    if isinstance(value, np.void) and value.dtype.names:
+        return value
+    return None
 
 
 class AttributeDataset(ImageListDataset):
@@ -167,44 +191,108 @@ def _find_wider_json(root, part):
     return [os.path.join(root, d, name) for d in ("", "Anno", "wider_attribute_annotation")]
 
 
+def _short(value, limit=60):
+    """repr of a JSON value, cut to ``limit`` characters for one-line messages."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _is_number(value):
+    """A JSON number (not a bool, not a string), finite."""
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int):
+        return abs(value) < 2 ** 53  # a float can hold it (huge ints overflow float())
+    return isinstance(value, float) and math.isfinite(value)
+
+
+def _wider_attribute_names(id_map, path):
+    """The attribute names of ``attribute_id_map`` ({"0": "Male", ...}) in id order."""
+    if id_map is None or id_map == {}:
+        return WIDER_ATTRIBUTES
+    if not isinstance(id_map, dict):
+        raise UserError("%s: attribute_id_map: expected an object {\"<id>\": \"<name>\"}, got %s"
+                        % (path, _short(id_map)))
+    ids = {}
+    for key, name in id_map.items():
+        try:
+            number = int(key)
+        except ValueError:
+            raise UserError("%s: attribute_id_map: expected integer ids as keys, got %s"
+                            % (path, _short(key)))
+        if number in ids:
+            raise UserError("%s: attribute_id_map: id %d is given twice (%s and %s)"
+                            % (path, number, _short(ids[number][0]), _short(key)))
+        if not isinstance(name, str) or not name:
+            raise UserError("%s: attribute_id_map[%s]: expected an attribute name, got %s"
+                            % (path, _short(key), _short(name)))
+        ids[number] = (key, name)
+    return tuple(ids[k][1] for k in sorted(ids))
+
+
 def _wider_json_items(root, split):
-    """(paths, labels, boxes, attribute names, json path, dropped box count) of one split."""
+    """(paths, labels, boxes, attribute names, json path, dropped box count) of one split.
+
+    Every field of every entry is checked (types, lengths, values), whatever the
+    split: UserError ``<file>: image <file_name> target <k>: expected ..., got ...``.
+    """
     part = "test" if split == "test" else "trainval"
     path = first_existing(_find_wider_json(root, part), "WIDER-Attribute %s annotations" % part)
     data = load_json(path, "the WIDER-Attribute JSON annotations")
     if not isinstance(data, dict) or "images" not in data:
-        raise UserError("%s: expected a JSON object with an 'images' list" % path)
-    names = WIDER_ATTRIBUTES
-    id_map = data.get("attribute_id_map")
-    if isinstance(id_map, dict) and id_map:
-        names = tuple(id_map[k] for k in sorted(id_map, key=int))
+        raise UserError("%s: expected a JSON object with an 'images' list, got %s"
+                        % (path, "an object with keys %s" % _short(sorted(data))
+                           if isinstance(data, dict) else "a JSON %s" % type(data).__name__))
+    if not isinstance(data["images"], list):
+        raise UserError("%s: images: expected a list of image entries, got %s"
+                        % (path, _short(data["images"])))
+    names = _wider_attribute_names(data.get("attribute_id_map"), path)
     paths, labels, boxes, dropped = [], [], [], 0
-    for entry in data["images"]:
+    for index, entry in enumerate(data["images"]):
+        if not isinstance(entry, dict):
+            raise UserError("%s: images[%d]: expected an object with 'file_name' and 'targets', "
+                            "got %s" % (path, index, _short(entry)))
         file_name = entry.get("file_name")
-        if not isinstance(file_name, str):
-            raise UserError("%s: expected every image to have a 'file_name'" % path)
+        if not isinstance(file_name, str) or not file_name.strip():
+            raise UserError("%s: images[%d]: file_name: expected the image path, got %s"
+                            % (path, index, "no 'file_name'" if "file_name" not in entry
+                               else _short(file_name)))
+        targets = entry.get("targets")
+        if not isinstance(targets, list):
+            raise UserError("%s: image %s (images[%d]): targets: expected a list of persons "
+                            "({'attribute': [...], 'bbox': [x, y, w, h]}), got %s"
+                            % (path, file_name, index,
+                               "no 'targets'" if "targets" not in entry else _short(targets)))
         folders = file_name.replace("\\", "/").split("/")[:-1]
         in_val = "val" in folders
         wanted = not (split == "train" and in_val or split == "val" and not in_val)
-        for k, target in enumerate(entry.get("targets", ())):  # every entry is validated
+        for k, target in enumerate(targets):  # every entry is validated
             where = "%s: image %s target %d" % (path, file_name, k)
+            if not isinstance(target, dict):
+                raise UserError("%s: expected an object with 'attribute' and 'bbox', got %s"
+                                % (where, _short(target)))
             attribute = target.get("attribute")
             bbox = target.get("bbox")
             if not isinstance(attribute, list) or len(attribute) != len(names):
                 raise UserError("%s: expected %d attribute labels, got %s"
-                                % (where, len(names), None if attribute is None else len(attribute)))
-            if any(v not in (-1, 0, 1) for v in attribute):
+                                % (where, len(names),
+                                   "no 'attribute'" if "attribute" not in target else
+                                   len(attribute) if isinstance(attribute, list) else
+                                   _short(attribute)))
+            if any(not _is_number(v) or v not in (-1, 0, 1) for v in attribute):
                 raise UserError("%s: expected attribute labels in {-1, 0, 1}, got %s"
-                                % (where, attribute))
-            if not isinstance(bbox, list) or len(bbox) != 4:
-                raise UserError("%s: expected bbox [x, y, w, h], got %r" % (where, bbox))
+                                % (where, _short(attribute, 120)))
+            if (not isinstance(bbox, list) or len(bbox) != 4
+                    or not all(_is_number(v) for v in bbox)):
+                raise UserError("%s: expected bbox [x, y, w, h] of 4 finite numbers, got %s"
+                                % (where, "no 'bbox'" if "bbox" not in target else _short(bbox)))
             if not wanted:
                 continue
             if bbox[2] < 1 or bbox[3] < 1:
                 dropped += 1
                 continue
             paths.append(os.path.join(root, "Image", file_name))
-            labels.append(attribute)
+            labels.append([int(v) for v in attribute])
             boxes.append(tuple(float(v) for v in bbox))
     return paths, labels, boxes, names, path, dropped
 
@@ -222,8 +310,16 @@ def _wider_srn_items(root, split):
     names = ["wider_att_%s_imglist.txt" % part, "wider_att_%s_label.txt" % part]
     list_path, label_path = (
         first_existing([os.path.join(root, "wider_att", n), os.path.join(root, n)], n) for n in names)
+    rel_paths = []
     with open_text(list_path) as f:
-        rel_paths = [_clean_list_path(line) for line in f if line.strip()]
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            rel = _clean_list_path(line)
+            if not rel or rel.endswith("/"):
+                raise UserError("%s line %d: expected an image path, got %r"
+                                % (list_path, number, line.strip()[:80]))
+            rel_paths.append(rel)
     labels = parse_label_lines(label_path, width=len(WIDER_ATTRIBUTES))
     if len(labels) != len(rel_paths):
         raise UserError("%s: expected one label row per image of %s (%d), got %d rows"
@@ -280,31 +376,39 @@ class PETA(AttributeDataset):
             raise UserError("%s: expected a variable 'peta', found %s"
                             % (mat_path, ", ".join(k for k in mat if not k.startswith("__"))))
         peta = mat["peta"][0, 0] if mat["peta"].size == 1 else None
-        if peta is None or peta.dtype.names is None:
-            raise UserError("%s: expected 'peta' to be a 1x1 struct" % mat_path)
-        data = np.asarray(peta["data"], dtype=np.float64)
-        names = mat_strings(peta["attribute"])
-        selected = np.asarray(peta["selected_attribute"]).ravel().astype(int) - 1
-        partitions = np.asarray(peta["partion_attribute"]).ravel()
-        if data.ndim != 2 or data.shape[1] < 5 + len(names):
+        if peta is None or getattr(peta.dtype, "names", None) is None:
+            raise UserError("%s: peta: expected a 1x1 struct, got %s"
+                            % (mat_path, describe_mat(mat["peta"])))
+
+        def field(name):
+            return _mat_field(peta, name, mat_path, "peta")
+
+        data = mat_numbers(field("data"), "%s: peta.data" % mat_path, ndim=2)
+        names = mat_strings(field("attribute"), "%s: peta.attribute" % mat_path)
+        if not names:
+            raise UserError("%s: peta.attribute: expected the attribute names, got none" % mat_path)
+        selected = mat_integers(field("selected_attribute"),
+                                "%s: peta.selected_attribute" % mat_path,
+                                minimum=1, maximum=len(names)) - 1
+        partitions = np.asarray(field("partion_attribute")).ravel()
+        if data.shape[1] < 5 + len(names):
             raise UserError("%s: expected peta.data with 5 + %d columns, got shape %s"
                             % (mat_path, len(names), data.shape))
         if not 0 <= partition < len(partitions):
             raise UserError("partition: expected 0..%d for %s, got %d"
                             % (len(partitions) - 1, mat_path, partition))
-        part = partitions[partition]
-        while isinstance(part, np.ndarray) and part.dtype.names is None:
-            part = part.ravel()[0]  # unwrap cell nesting
-        if isinstance(part, np.ndarray):
-            part = part.ravel()[0]  # 1x1 struct array -> its record
+        what = "peta.partion_attribute{%d}" % (partition + 1)
+        part = _mat_record(partitions[partition])
+        if part is None:
+            raise UserError("%s: %s: expected a struct with train, val and test indices, got %s"
+                            % (mat_path, what, describe_mat(partitions[partition])))
         indices = {}
         for key in ("train", "val", "test"):
-            indices[key] = np.asarray(_mat_field(part, key, mat_path)).ravel().astype(int) - 1
+            indices[key] = mat_integers(_mat_field(part, key, mat_path, what),
+                                        "%s: %s.%s" % (mat_path, what, key),
+                                        minimum=1, maximum=len(data)) - 1
         indices["trainval"] = np.concatenate([indices["train"], indices["val"]])
         rows = indices[split]
-        if rows.size and (rows.min() < 0 or rows.max() >= len(data)):
-            raise UserError("%s: partition %d %s indices outside 1..%d"
-                            % (mat_path, partition, split, len(data)))
         binary = data[rows][:, 5 + selected]
         if not np.isin(binary, (0, 1)).all():
             raise UserError("%s: expected 0/1 attribute values in peta.data columns 5.., got %s"
@@ -331,22 +435,31 @@ class PA100K(AttributeDataset):
                                      os.path.join(root, "release_data", "release_data")],
                                     "PA-100K image folder")
         parts = ("train", "val") if split == "trainval" else (split,)
-        names_key = "attributes"
-        if names_key not in mat:
+        if "attributes" not in mat:
             raise UserError("%s: expected a variable 'attributes'" % mat_path)
-        names = mat_strings(mat[names_key])
+        names = mat_strings(mat["attributes"], "%s: attributes" % mat_path)
+        if not names:
+            raise UserError("%s: attributes: expected the attribute names, got none" % mat_path)
         paths, labels = [], []
         for part in parts:
             for key in ("%s_images_name" % part, "%s_label" % part):
                 if key not in mat:
                     raise UserError("%s: expected a variable %r" % (mat_path, key))
-            files = mat_strings(mat["%s_images_name" % part])
-            label = np.asarray(mat["%s_label" % part])
+            key = "%s_images_name" % part
+            files = mat_strings(mat[key], "%s: %s" % (mat_path, key))
+            empty = [i for i, name in enumerate(files) if not name.strip()]
+            if empty:
+                raise UserError("%s: %s: expected image file names, got an empty one (element %d)"
+                                % (mat_path, key, empty[0] + 1))
+            label = mat_numbers(mat["%s_label" % part], "%s: %s_label" % (mat_path, part))
             if label.ndim != 2 or label.shape != (len(files), len(names)):
                 raise UserError("%s: expected %s_label of shape %dx%d, got %s"
                                 % (mat_path, part, len(files), len(names), label.shape))
-            if not np.isin(label, (0, 1)).all():
-                raise UserError("%s: expected 0/1 values in %s_label" % (mat_path, part))
+            bad = ~np.isin(label, (0, 1))
+            if bad.any():
+                row, col = np.argwhere(bad)[0]
+                raise UserError("%s: expected 0/1 values in %s_label, got %g (row %d, column %d)"
+                                % (mat_path, part, label[row, col], row + 1, col + 1))
             paths.extend(os.path.join(image_dir, f) for f in files)
             labels.append(label.astype(np.float32) * 2 - 1)
         super(PA100K, self).__init__(paths, np.concatenate(labels), names, source=mat_path,

@@ -4,12 +4,15 @@
   :func:`train_steps`, :func:`seed_everything` (the short real-image training
   checks of the FGVC methods).
 - Tiny images on disk: :func:`solid_image`, :func:`blocks_image`,
-  :func:`coordinate_image`, :func:`write_image`, :func:`write_jpeg`.
+  :func:`coordinate_image`, :func:`write_image`, :func:`write_jpeg`; a bad one:
+  :func:`corrupt_png_bytes` / :func:`write_corrupt_png` (passes the quick byte check, fails to decode).
 - Gradients: :func:`central_difference`.
 
 The golden reference cases and the fixtures stay in ``conftest.py``.
 """
 import os
+import struct
+import zlib
 
 import mxnet as mx
 import numpy as np
@@ -109,6 +112,27 @@ def write_image(path, array, fmt="JPEG", **options):
 def write_jpeg(path, array, quality=95):
     """:func:`write_image` as a JPEG of the given quality."""
     return write_image(path, array, "JPEG", quality=quality)
+
+
+def _png_chunk(kind, payload):
+    return (struct.pack(">I", len(payload)) + kind + payload
+            + struct.pack(">I", zlib.crc32(kind + payload) & 0xffffffff))
+
+
+def corrupt_png_bytes(height=16, width=16):
+    """A PNG whose header and IEND are valid (it passes images.check_image_bytes) but whose
+    image data (IDAT, correct CRC) is not zlib data: only decoding it fails."""
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
+    return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header)
+            + _png_chunk(b"IDAT", b"not zlib data " * 8) + _png_chunk(b"IEND", b""))
+
+
+def write_corrupt_png(path, height=16, width=16):
+    """Write :func:`corrupt_png_bytes` to ``path`` (parents created); returns the path as str."""
+    os.makedirs(os.path.dirname(str(path)), exist_ok=True)
+    with open(str(path), "wb") as f:
+        f.write(corrupt_png_bytes(height, width))
+    return str(path)
 
 
 # ------------------------------------------------------------ gradients

@@ -6,6 +6,7 @@ model-zoo net with a new ``dense1``; the heads as ``nn.Sequential`` in a fresh
 name scope), loaded with Gluon's own ``load_params``.
 """
 import os
+import re
 import warnings
 
 import mxnet as mx
@@ -275,3 +276,309 @@ def test_full_size_backbone_taps_equal_the_originals_named_outputs(zoo_name, ste
         scale = float(np.abs(theirs.asnumpy()).max())
         np.testing.assert_allclose(mine.asnumpy(), theirs.asnumpy(), rtol=1e-5, atol=1e-6 * scale,
                                    err_msg=name)
+
+
+# ------------------------------------------------------------------ Gluon's save_parameters layout
+
+TAP_SHAPES_64 = [(256, 4), (256, 4), (512, 2)]  # resnet18_v1 at 64×64: (channels, side) of tap2/3/4
+
+
+def _original_model(seed, num_classes=NUM_CLASSES):
+    """(zoo net, backbone SymbolBlock, [(fconv, fatt, fsr)] per stage) built as the original
+    builds them, initialised (resnet18_v1, 64×64) with non-trivial BN statistics."""
+    prefix = "resnetv10_"
+    zoo_features = vision.get_model("resnet18_v1", prefix=prefix)
+    net = vision.get_model("resnet18_v1", classes=num_classes, prefix=prefix)
+    with net.name_scope():
+        net.output = nn.Dense(num_classes, flatten=True)
+        net.features = zoo_features.features
+    data = mx.sym.var("data")
+    internals = net(data).get_internals()
+    backbone = gluon.SymbolBlock([internals[name] for name in ORIGINAL_TAPS["resnet18_v1"]], data,
+                                 params=net.collect_params())
+    backbone._prefix = prefix
+    stage_heads = [_original_heads(num_classes, side) for _, side in TAP_SHAPES_64]
+    mx.random.seed(seed)
+    for block in [backbone] + [head for heads in stage_heads for head in heads]:
+        block.collect_params().initialize(mx.init.Xavier(), ctx=mx.cpu())
+    _original_forward(backbone, stage_heads, mx.nd.zeros((1, 3, 64, 64)))  # deferred shapes
+    _randomize_statistics(backbone, seed)
+    for number, heads in enumerate(stage_heads):
+        for head in heads:
+            _randomize_statistics(head, seed + number + 1)
+    return net, backbone, stage_heads
+
+
+def _save_original_with_save_parameters(backbone, stage_heads, directory):
+    backbone.save_parameters(os.path.join(directory, "backbone_resnet.params"))
+    for stage, heads in zip((2, 3, 4), stage_heads):
+        for stem, block in zip(STEMS, heads):
+            block.save_parameters(os.path.join(directory, "%s.params" % (stem % stage)))
+
+
+@pytest.fixture(scope="module")
+def original_saved_with_save_parameters(tmp_path_factory):
+    """(zoo net, backbone, stage heads, directory, x, expected prediction): the
+    original's blocks written by Gluon's own save_parameters."""
+    net, backbone, stage_heads = _original_model(seed=21)
+    directory = str(tmp_path_factory.mktemp("save_parameters"))
+    _save_original_with_save_parameters(backbone, stage_heads, directory)
+    x = mx.nd.random.uniform(-1, 1, shape=(2, 3, 64, 64))
+    return net, backbone, stage_heads, directory, x, _original_forward(backbone, stage_heads, x)
+
+
+def _structural(names):
+    return ["%d.%s" % (index, suffix) for index, suffix in names]
+
+
+STRUCTURAL_FSR = _structural([(0, "weight"), (0, "bias")] + [(1, s) for s in BN]
+                             + [(3, "weight"), (3, "bias")] + [(4, s) for s in BN]
+                             + [(6, "weight"), (6, "bias")] + [(7, s) for s in BN]
+                             + [(9, "weight"), (9, "bias")])
+
+
+def test_gluon_save_parameters_files_of_the_original_blocks_load(original_saved_with_save_parameters):
+    _, _, _, directory, x, expected = original_saved_with_save_parameters
+    # what Gluon wrote: structural names for the heads, prefix-stripped names for the SymbolBlock
+    assert _file_keys(os.path.join(directory, "fconv_stage_2.params")) == ["0.weight", "0.bias"]
+    assert _file_keys(os.path.join(directory, "fsr_stage_4.params")) == STRUCTURAL_FSR
+    assert _file_keys(os.path.join(directory, "fatt_stage_3.params"))[-2:] == ["6.weight", "6.bias"]
+    backbone_keys = _file_keys(os.path.join(directory, "backbone_resnet.params"))
+    assert backbone_keys[0] == "conv0_weight" and "dense1_weight" in backbone_keys
+    mx.random.seed(22)
+    fresh = AttributeModel(NUM_CLASSES, backbone="resnet18_v1", input_size=64)
+    assert not np.allclose(_prediction(fresh, x), expected, atol=1e-3)
+    used = load_original_params(fresh, directory)
+    assert [os.path.basename(p) for p in used.values()] == [
+        "backbone_resnet.params"] + ["%s.params" % (s % n) for n in (2, 3, 4) for s in STEMS]
+    np.testing.assert_allclose(_prediction(fresh, x), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_the_zoo_networks_and_our_backbones_save_parameters_files_load(original_saved_with_save_parameters,
+                                                                       tmp_path):
+    """A backbone file with the model-zoo network's structural names (``features.0.weight``,
+    ``output.weight``: its save_parameters), or our TapBackbone's own, is read too."""
+    net, _, _, directory, x, expected = original_saved_with_save_parameters
+    for name in os.listdir(directory):
+        if not name.startswith("backbone"):
+            os.link(os.path.join(directory, name), str(tmp_path / name))
+    zoo_file = str(tmp_path / "backbone_resnet.params")
+    net.save_parameters(zoo_file)
+    keys = _file_keys(zoo_file)
+    assert keys[0] == "features.0.weight" and keys[-2:] == ["output.weight", "output.bias"]
+    mx.random.seed(23)
+    fresh = AttributeModel(NUM_CLASSES, backbone="resnet18_v1", input_size=64)
+    load_original_params(fresh, str(tmp_path))
+    np.testing.assert_allclose(_prediction(fresh, x), expected, rtol=1e-5, atol=1e-6)
+    os.remove(zoo_file)
+    fresh.backbone.save_parameters(zoo_file)  # our own structure: to_tap2.0.weight, …
+    assert _file_keys(zoo_file)[0].startswith("to_tap2.")
+    mx.random.seed(24)
+    other = AttributeModel(NUM_CLASSES, backbone="resnet18_v1", input_size=64)
+    load_original_params(other, str(tmp_path))
+    np.testing.assert_allclose(_prediction(other, x), expected, rtol=1e-5, atol=1e-6)
+    # a structural file with a missing parameter names it in its own layout
+    loaded = mx.nd.load(str(tmp_path / "fsr_stage_2.params"))
+    del loaded["7.gamma"]
+    os.remove(str(tmp_path / "fsr_stage_2.params"))
+    mx.nd.save(str(tmp_path / "fsr_stage_2.params"), loaded)
+    with pytest.raises(UserError, match=r"fsr_stage_2\.params: parameter '7\.gamma' missing \(expected shape \(1024,\)\)"):
+        load_original_params(other, str(tmp_path))
+
+
+def test_our_save_parameters_layout_is_what_gluon_writes_and_the_original_loads(resnet18_saved, tmp_path):
+    """The other direction: our files in the save_parameters layout are loaded by the
+    original's blocks with Gluon's load_parameters (and load_params), and Gluon's own
+    save_parameters of those blocks writes the same names in the same order."""
+    net, _ = resnet18_saved
+    ours = str(tmp_path / "ours")
+    save_original_params(net, ours, layout="save_parameters")
+    assert sorted(os.listdir(ours)) == RESNET_FILES
+    assert _file_keys(os.path.join(ours, "fsr_stage_2.params")) == STRUCTURAL_FSR
+    _, backbone, stage_heads = _original_model(seed=25)
+    backbone.load_parameters(os.path.join(ours, "backbone_resnet.params"), ctx=mx.cpu())
+    resaved = str(tmp_path / "resaved")
+    os.makedirs(resaved)
+    for stage, heads in zip((2, 3, 4), stage_heads):
+        for stem, block in zip(STEMS, heads):
+            block.load_parameters(os.path.join(ours, "%s.params" % (stem % stage)), ctx=mx.cpu())
+    _save_original_with_save_parameters(backbone, stage_heads, resaved)
+    for name in RESNET_FILES:
+        mine, theirs = mx.nd.load(os.path.join(ours, name)), mx.nd.load(os.path.join(resaved, name))
+        assert list(mine) == list(theirs), name
+        for key in mine:
+            np.testing.assert_array_equal(mine[key].asnumpy(), theirs[key].asnumpy(), err_msg=key)
+    x = mx.nd.random.uniform(-1, 1, shape=(2, 3, 64, 64))
+    np.testing.assert_allclose(_original_forward(backbone, stage_heads, x), _prediction(net, x),
+                               rtol=1e-5, atol=1e-6)
+    _load_params(stage_heads[0][2], os.path.join(ours, "fsr_stage_2.params"))  # the deprecated reader too
+    with pytest.raises(ValueError, match="layout: expected one of save_params, save_parameters"):
+        save_original_params(net, ours, layout="export")
+
+
+# ------------------------------------------------------------------ file names
+
+def _linked(directory, target, rename=lambda name: name, skip=()):
+    os.makedirs(target, exist_ok=True)
+    for name in os.listdir(directory):
+        if name not in skip:
+            os.link(os.path.join(directory, name), os.path.join(target, rename(name)))
+    return target
+
+
+def _joint_new(name):
+    """The original training script's save names (wider_training.py, 'Model Saving')."""
+    return "joint_new_base_resNet.params" if name == "backbone_resnet.params" else "joint_new_" + name
+
+
+def test_the_original_scripts_save_names_and_other_prefixes_load(resnet18_saved, tmp_path):
+    net, directory = resnet18_saved
+    x = mx.nd.random.uniform(-1, 1, shape=(2, 3, 64, 64))
+    expected = _prediction(net, x)
+    joint = _linked(directory, str(tmp_path / "joint"), _joint_new)
+    mx.random.seed(31)
+    fresh = AttributeModel(NUM_CLASSES, backbone="resnet18_v1", input_size=64)
+    used = load_original_params(fresh, joint)
+    assert os.path.basename(used["backbone_resnet"]) == "joint_new_base_resNet.params"
+    assert os.path.basename(used["fatt_stage_3"]) == "joint_new_fatt_stage_3.params"
+    np.testing.assert_allclose(_prediction(fresh, x), expected, rtol=1e-6, atol=1e-7)
+    # <stem>-<epoch>.params and <prefix><stem>.params
+    epochs = _linked(directory, str(tmp_path / "epochs"),
+                     lambda name: name.replace(".params", "-0042.params") if "stage_2" in name
+                     else "best_" + name)
+    mx.random.seed(32)
+    fresh = AttributeModel(NUM_CLASSES, backbone="resnet18_v1", input_size=64)
+    used = load_original_params(fresh, epochs)
+    assert os.path.basename(used["fsr_stage_2"]) == "fsr_stage_2-0042.params"
+    assert os.path.basename(used["backbone_resnet"]) == "best_backbone_resnet.params"
+    np.testing.assert_allclose(_prediction(fresh, x), expected, rtol=1e-6, atol=1e-7)
+
+
+def test_ambiguous_and_missing_file_names(resnet18_saved, tmp_path):
+    net, directory = resnet18_saved
+    # two candidates for one stem: refused with the file to rename
+    both = _linked(directory, str(tmp_path / "both"), _joint_new)
+    os.link(os.path.join(directory, "fsr_stage_2.params"), os.path.join(both, "fsr_stage_2-0001.params"))
+    with pytest.raises(UserError, match=r"both: several parameter files for fsr_stage_2 \(fsr_stage_2-0001\.params, "
+                                        r"joint_new_fsr_stage_2\.params\); expected one: rename the one to "
+                                        r"load to fsr_stage_2\.params"):
+        load_original_params(net, both)
+    # the exact name wins over other candidates
+    os.link(os.path.join(directory, "fsr_stage_2.params"), os.path.join(both, "fsr_stage_2.params"))
+    assert os.path.basename(load_original_params(net, both)["fsr_stage_2"]) == "fsr_stage_2.params"
+    # the original saves its heads and its backbone into different directories
+    heads = _linked(directory, str(tmp_path / "heads"), _joint_new, skip=("backbone_resnet.params",))
+    with pytest.raises(UserError, match=r"heads/backbone_resnet\.params: missing parameter file \(expected "
+                                        r"backbone_resnet\.params, fconv_stage_2\.params, .* in .*heads; the "
+                                        r"original's training script saves the backbone separately, as "
+                                        r"saved_models/joint_new_base_resNet\.params: copy it here\)$"):
+        load_original_params(net, heads)
+    # a backbone file of the other family, and a name holding two stems, are named
+    other = _linked(directory, str(tmp_path / "other"), skip=("backbone_resnet.params", "fatt_stage_2.params"))
+    os.link(os.path.join(directory, "backbone_resnet.params"), os.path.join(other, "backbone_densenet.params"))
+    with pytest.raises(UserError, match=r"found backbone_densenet\.params: the model was built with another "
+                                        r"backbone family \(--backbone\)"):
+        load_original_params(net, other)
+    os.link(os.path.join(directory, "backbone_resnet.params"), os.path.join(other, "backbone_resnet.params"))
+    os.link(os.path.join(directory, "fatt_stage_2.params"), os.path.join(other, "fconv_stage_2_fatt_stage_2.params"))
+    with pytest.raises(UserError, match=r"other/fatt_stage_2\.params: missing parameter file .*not recognised: "
+                                        r"backbone_densenet\.params, fconv_stage_2_fatt_stage_2\.params\)$"):
+        load_original_params(net, other)
+
+
+# ------------------------------------------------------------------ damaged files
+
+def _damaged_copy(directory, target, name, damage):
+    """A directory of links to ``directory``'s files with ``name`` replaced by ``damage(bytes)``."""
+    _linked(directory, target, skip=(name,))
+    with open(os.path.join(directory, name), "rb") as f:
+        data = f.read()
+    with open(os.path.join(target, name), "wb") as f:
+        f.write(damage(data))
+    return target
+
+
+def _flipped(position, mask):
+    def damage(data):
+        data = bytearray(data)
+        data[position if position >= 0 else len(data) + position] ^= mask
+        return bytes(data)
+    return damage
+
+
+NOT_READABLE = r"fconv_stage_2\.params: expected an MXNet parameter file \(nd\.save format\), could not read it \(%s\)$"
+
+
+def test_damaged_files_are_reported_with_mxnets_own_error_line(resnet18_saved, tmp_path):
+    net, directory = resnet18_saved
+    size = os.path.getsize(os.path.join(directory, "fconv_stage_2.params"))
+    cases = [(lambda d: d[:0], r"Check failed: fi->Read\(&header\): Invalid NDArray file format"),
+             (lambda d: d[:30], r"Check failed: fi->Read\(data\): Invalid NDArray file format"),
+             (lambda d: d[:size // 2], r"Check failed: .*Invalid NDArray file format"),
+             (lambda d: d[:-3], r"Check failed: fi->Read\(keys\): Invalid NDArray file format"),
+             (_flipped(0, 0x01), r"Check failed: header == kMXAPINDArrayListMagic: Invalid NDArray file format"),
+             (lambda d: b"not a params file", r"Check failed: header == kMXAPINDArrayListMagic: .*")]
+    for number, (damage, reason) in enumerate(cases):
+        target = _damaged_copy(directory, str(tmp_path / str(number)), "fconv_stage_2.params", damage)
+        with pytest.raises(UserError) as caught:
+            load_original_params(net, target)
+        message = str(caught.value)
+        assert re.search(NOT_READABLE % reason, message), message
+        assert "\n" not in message and "Traceback" not in message and "ndarray.cc" not in message
+
+
+def test_flipped_bytes_in_names_and_values(resnet18_saved, tmp_path):
+    net, directory = resnet18_saved  # nothing is loaded into net: each file fails before set_data
+    fconv = mx.nd.load(os.path.join(directory, "fconv_stage_2.params"))
+    # the names are stored last: conv0_weight, conv0_bias
+    target = _damaged_copy(directory, str(tmp_path / "name"), "fconv_stage_2.params", _flipped(-2, 0x01))
+    with pytest.raises(UserError, match=r"fconv_stage_2\.params: parameter 'conv0_bias' missing"):
+        load_original_params(net, target)  # conv0_bias → conv0_bi`s
+    target = _damaged_copy(directory, str(tmp_path / "utf8"), "fconv_stage_2.params", _flipped(-1, 0x80))
+    with pytest.raises(UserError, match=r"fconv_stage_2\.params: .*could not read it \(a parameter name is not "
+                                        r"UTF-8 text"):
+        load_original_params(net, target)
+    # the exponent of one bias value: a non-finite parameter
+    bias = fconv["conv0_bias"].asnumpy()
+    with open(os.path.join(directory, "fconv_stage_2.params"), "rb") as f:
+        data = f.read()
+    position = data.index(bias.tobytes()) + 4 * 2 + 2  # bias[2]: bytes 2-3 hold sign and exponent
+
+    def exponent_all_ones(data):  # flip every exponent bit that is 0: the value becomes inf or NaN
+        data = bytearray(data)
+        data[position] ^= ~data[position] & 0x80
+        data[position + 1] ^= ~data[position + 1] & 0x7f
+        return bytes(data)
+    target = _damaged_copy(directory, str(tmp_path / "value"), "fconv_stage_2.params", exponent_all_ones)
+    with pytest.raises(UserError, match=r"fconv_stage_2\.params: parameter 'conv0_bias' holds non-finite values"):
+        load_original_params(net, target)
+
+
+def test_random_flips_in_a_params_file_give_user_errors(resnet18_saved, tmp_path):
+    """Flips in a small file (mostly in its header, shapes, types and names): a UserError, or a load (nd.save files have no checksum: a
+    flipped value bit goes unnoticed) - never another exception."""
+    _, directory = resnet18_saved
+    model = AttributeModel(NUM_CLASSES, backbone="resnet18_v1", input_size=64)  # loads may change it
+    with open(os.path.join(directory, "fconv_stage_2.params"), "rb") as f:
+        data = f.read()
+    rng = np.random.RandomState(5)
+    outcomes = {"loaded": 0, "error": 0}
+    target = _linked(directory, str(tmp_path / "fuzz"), skip=("fconv_stage_2.params",))
+    path = os.path.join(target, "fconv_stage_2.params")
+    names_start = data.index(b"conv0_weight") - 8  # the names block: lengths and text
+    for _ in range(30):
+        # headers (magic, counts, shapes, types: the first 100 bytes), names, or anywhere
+        position = [rng.randint(100), names_start + rng.randint(len(data) - names_start),
+                    rng.randint(len(data))][rng.randint(3)]
+        damaged = bytearray(data)
+        damaged[position] ^= 1 << rng.randint(8)
+        with open(path, "wb") as f:
+            f.write(bytes(damaged))
+        try:
+            load_original_params(model, target)
+            outcomes["loaded"] += 1
+        except UserError as err:
+            assert "\n" not in str(err) and "Traceback" not in str(err), str(err)
+            assert "fconv_stage_2" in str(err)
+            outcomes["error"] += 1
+    assert outcomes["error"] >= 10, outcomes

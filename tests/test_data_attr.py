@@ -200,9 +200,24 @@ def test_wider_missing_annotations(tmp_path):
 
 # ----------------------------------------------------------------------------- PETA
 
-def make_peta(root, num_images=8, num_attributes=40, bad_value=False):
+def _override(content, overrides):
+    """``content`` with ``overrides`` applied (a None value removes the key)."""
+    content = dict(content)
+    for key, value in (overrides or {}).items():
+        if value is None:
+            content.pop(key, None)
+        else:
+            content[key] = value
+    return content
+
+
+def make_peta(root, num_images=8, num_attributes=40, bad_value=False, overrides=None,
+              partition_overrides=None):
     """PETA.mat in the common layout: data (N x (5 + A)), attribute names, the first 35
-    selected (1-based), 5 partitions of 1-based train/val/test indices."""
+    selected (1-based), 5 partitions of 1-based train/val/test indices.
+
+    overrides: fields of the peta struct to replace (None value: leave the field out);
+    partition_overrides: the same for every partition struct."""
     rng = np.random.RandomState(0)
     binary = rng.randint(0, 2, (num_images, num_attributes)).astype(np.float64)
     if bad_value:
@@ -214,12 +229,13 @@ def make_peta(root, num_images=8, num_attributes=40, bad_value=False):
     partitions = np.empty((5, 1), dtype=object)
     for p in range(5):
         order = np.roll(np.arange(1, num_images + 1), p)
-        partitions[p, 0] = {"train": order[:4, None].astype(np.float64),
-                            "val": order[4:6, None].astype(np.float64),
-                            "test": order[6:, None].astype(np.float64)}
-    peta = {"data": data, "attribute": names,
-            "selected_attribute": np.arange(1, 36, dtype=np.float64)[None, :],
-            "partion_attribute": partitions}
+        partitions[p, 0] = _override({"train": order[:4, None].astype(np.float64),
+                                      "val": order[4:6, None].astype(np.float64),
+                                      "test": order[6:, None].astype(np.float64)},
+                                     partition_overrides)
+    peta = _override({"data": data, "attribute": names,
+                      "selected_attribute": np.arange(1, 36, dtype=np.float64)[None, :],
+                      "partion_attribute": partitions}, overrides)
     scipy.io.savemat(os.path.join(root, "PETA.mat"), {"peta": peta})
     for i in range(num_images):
         write_image(os.path.join(root, "images", "%05d.png" % (i + 1)), blocks_image(24 + i, 10, [RED]), "PNG")
@@ -255,7 +271,7 @@ def test_peta_bad_values(tmp_path):
 
 # ----------------------------------------------------------------------------- PA-100K
 
-def make_pa100k(root, sizes=(3, 2, 2), label_width=26):
+def make_pa100k(root, sizes=(3, 2, 2), label_width=26, overrides=None):
     rng = np.random.RandomState(1)
     content = {"attributes": np.array([["a%02d" % i] for i in range(26)], dtype=object)}
     labels = {}
@@ -271,7 +287,7 @@ def make_pa100k(root, sizes=(3, 2, 2), label_width=26):
         content["%s_images_name" % part] = names
         labels[part] = rng.randint(0, 2, (n, label_width)).astype(np.uint8)
         content["%s_label" % part] = labels[part]
-    scipy.io.savemat(os.path.join(root, "annotation.mat"), content)
+    scipy.io.savemat(os.path.join(root, "annotation.mat"), _override(content, overrides))
     return labels
 
 
@@ -397,3 +413,238 @@ def test_transform_demo_sizes_scale_proportionally():
         make_transform(True, normalize="caffe")
     with pytest.raises(UserError, match="crop sizes: expected 0 < min_crop <= max_crop <= resize"):
         make_transform(True, min_crop=240)
+
+
+# ----------------------------------------------------------------------------- bad annotation files
+
+def assert_one_line(excinfo, *fragments):
+    """The error is a one-line UserError containing every fragment."""
+    message = str(excinfo.value)
+    assert excinfo.type is UserError and "\n" not in message, message
+    for fragment in fragments:
+        assert fragment in message, (fragment, message)
+
+
+TRAIN_IMAGE = "train/0--Parade/0_Parade_1.jpg"
+VAL_IMAGE = "val/0--Parade/0_Parade_2.jpg"
+
+
+def _set(path_in_json, value):
+    """A mutation of the trainval JSON: set (or, with value ..., delete) the item at the path."""
+    def mutate(content):
+        node = content
+        for key in path_in_json[:-1]:
+            node = node[key]
+        if value is Ellipsis:
+            del node[path_in_json[-1]]
+        else:
+            node[path_in_json[-1]] = value
+    return mutate
+
+
+TARGET0 = ("images", 0, "targets", 0)
+BAD_WIDER_JSON = {
+    "bbox strings": (_set(TARGET0 + ("bbox",), ["2", "4", "30", "20"]),
+                     "image %s target 0: expected bbox [x, y, w, h] of 4 finite numbers, got ['2'"
+                     % TRAIN_IMAGE),
+    "bbox null": (_set(TARGET0 + ("bbox",), None),
+                  "target 0: expected bbox [x, y, w, h] of 4 finite numbers, got None"),
+    "bbox NaN": (_set(TARGET0 + ("bbox",), [2.0, 4.0, float("nan"), 20.0]),
+                 "target 0: expected bbox [x, y, w, h] of 4 finite numbers, got [2.0, 4.0, nan"),
+    "bbox infinite": (_set(TARGET0 + ("bbox",), [2.0, 4.0, float("inf"), 20.0]),
+                      "4 finite numbers, got [2.0, 4.0, inf"),
+    "bbox length 3": (_set(TARGET0 + ("bbox",), [2.0, 4.0, 30.0]),
+                      "4 finite numbers, got [2.0, 4.0, 30.0]"),
+    "bbox bools": (_set(TARGET0 + ("bbox",), [True, True, True, True]),
+                   "4 finite numbers, got [True"),
+    "bbox missing": (_set(TARGET0 + ("bbox",), Ellipsis),
+                     "target 0: expected bbox [x, y, w, h] of 4 finite numbers, got no 'bbox'"),
+    "attribute too short": (_set(TARGET0 + ("attribute",), [1] * 13),
+                            "target 0: expected 14 attribute labels, got 13"),
+    "attribute a dict": (_set(TARGET0 + ("attribute",), {"Male": 1}),
+                         "target 0: expected 14 attribute labels, got {'Male': 1}"),
+    "attribute strings": (_set(TARGET0 + ("attribute",), ["1"] * 14),
+                          "target 0: expected attribute labels in {-1, 0, 1}, got ['1'"),
+    "attribute bools": (_set(TARGET0 + ("attribute",), [True] * 14),
+                        "expected attribute labels in {-1, 0, 1}, got [True"),
+    "attribute null": (_set(TARGET0 + ("attribute",), [None] * 14),
+                       "expected attribute labels in {-1, 0, 1}, got [None"),
+    "attribute missing": (_set(TARGET0 + ("attribute",), Ellipsis),
+                          "target 0: expected 14 attribute labels, got no 'attribute'"),
+    "target a list": (_set(TARGET0, [1, 2]),
+                      "image %s target 0: expected an object with 'attribute' and 'bbox', got [1, 2]"
+                      % TRAIN_IMAGE),
+    "targets a dict": (_set(("images", 0, "targets"), {"attribute": [1] * 14}),
+                       "image %s (images[0]): targets: expected a list of persons" % TRAIN_IMAGE),
+    "targets strings": (_set(("images", 0, "targets"), "person"),
+                        "targets: expected a list of persons ({'attribute': [...], 'bbox': "
+                        "[x, y, w, h]}), got 'person'"),
+    "targets missing": (_set(("images", 1, "targets"), Ellipsis),
+                        "image %s (images[1]): targets: expected a list of persons ({'attribute': "
+                        "[...], 'bbox': [x, y, w, h]}), got no 'targets'" % VAL_IMAGE),
+    "file_name missing": (_set(("images", 1, "file_name"), Ellipsis),
+                          "images[1]: file_name: expected the image path, got no 'file_name'"),
+    "file_name a number": (_set(("images", 1, "file_name"), 7),
+                           "images[1]: file_name: expected the image path, got 7"),
+    "entry a string": (_set(("images", 1), "val/0--Parade/0_Parade_2.jpg"),
+                       "images[1]: expected an object with 'file_name' and 'targets', got 'val/"),
+    "images a dict": (_set(("images",), {"a": 1}),
+                      "images: expected a list of image entries, got {'a': 1}"),
+    "images missing": (_set(("images",), Ellipsis),
+                       "expected a JSON object with an 'images' list, got an object with keys "
+                       "['attribute_id_map']"),
+    "id map key not an integer": (_set(("attribute_id_map", "Male"), "Male"),
+                                  "attribute_id_map: expected integer ids as keys, got 'Male'"),
+    "id map key repeated": (_set(("attribute_id_map", "01"), "again"),
+                            "attribute_id_map: id 1 is given twice"),
+    "id map name a number": (_set(("attribute_id_map", "3"), 3),
+                             "attribute_id_map['3']: expected an attribute name, got 3"),
+    "id map a list": (_set(("attribute_id_map",), ["Male"]),
+                      "attribute_id_map: expected an object {\"<id>\": \"<name>\"}, got ['Male']"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_WIDER_JSON))
+def test_wider_json_bad_fields(tmp_path, case):
+    root = str(tmp_path)
+    trainval, _ = make_wider_json(root)
+    mutate, expected = BAD_WIDER_JSON[case]
+    mutate(trainval)
+    path = os.path.join(root, "Anno", "wider_attribute_trainval.json")
+    with open(path, "w") as f:
+        json.dump(trainval, f)  # NaN and Infinity are written as JSON's non-standard literals
+    for split in ("train", "val"):  # every entry is checked, whichever split is read
+        with pytest.raises(Exception) as excinfo:
+            WiderAttribute(root, split)
+        assert_one_line(excinfo, path + ": ", expected)
+
+
+def test_wider_json_bom_and_latin1(tmp_path):
+    root = str(tmp_path)
+    trainval, _ = make_wider_json(root)
+    path = os.path.join(root, "Anno", "wider_attribute_trainval.json")
+    with open(path, "w", encoding="utf-8-sig") as f:
+        json.dump(trainval, f)
+    assert len(WiderAttribute(root, "train")) == 2
+    trainval["images"][0]["scene"] = "f\u00eate"
+    with open(path, "w", encoding="latin-1") as f:
+        json.dump(trainval, f, ensure_ascii=False)
+    with pytest.raises(UserError) as excinfo:
+        WiderAttribute(root, "train")
+    assert_one_line(excinfo, path + ": expected UTF-8 text, got undecodable bytes at offset",
+                    "(Latin-1?)")
+
+
+def test_wider_srn_lists_bom_latin1_and_empty_path(tmp_path):
+    root = str(tmp_path)
+    make_wider_srn(root)
+    listing = os.path.join(root, "wider_att", "wider_att_train_imglist.txt")
+    labels = os.path.join(root, "wider_att", "wider_att_train_label.txt")
+    for path in (listing, labels):  # a BOM (Windows editors) in front of both lists
+        with open(path, "rb") as f:
+            content = f.read()
+        with open(path, "wb") as f:
+            f.write(b"\xef\xbb\xbf" + content)
+    with open(listing, "rb") as f:
+        data = f.read()
+    train = WiderAttribute(root, "train")
+    assert [os.path.basename(p) for p in train.paths] == ["a_0.jpg", "c_1.jpg"]
+    np.testing.assert_array_equal(train.label_matrix, [label_row(0), label_row(2)])
+    with open(listing, "ab") as f:
+        f.write("Image_cropped/train/2--Demo/\u00e9t\u00e9.jpg 1\n".encode("latin-1"))
+    with pytest.raises(UserError) as excinfo:
+        WiderAttribute(root, "train")
+    offset = len(data) + len("Image_cropped/train/2--Demo/")
+    assert_one_line(excinfo, listing + ": expected UTF-8 text, got undecodable bytes at offset "
+                             "%d (Latin-1?) on line 4" % offset)
+    with open(listing, "wb") as f:
+        f.write(data + b"'',\n")
+    with pytest.raises(UserError, match="wider_att_train_imglist.txt line 4: expected an image path"):
+        WiderAttribute(root, "train")
+
+
+BAD_PETA = {
+    "attribute names are numbers": (
+        dict(overrides={"attribute": np.arange(40.0)[:, None]}),
+        "PETA.mat: peta.attribute: expected a cell array of strings, got a 40x1 float64 array"),
+    "data is text": (dict(overrides={"data": np.array(["abc", "def"], dtype=object)[:, None]}),
+                     "PETA.mat: peta.data: expected a numeric array, got a 2x1 cell array"),
+    "data too narrow": (dict(overrides={"data": np.zeros((8, 12))}),
+                        "PETA.mat: expected peta.data with 5 + 40 columns, got shape (8, 12)"),
+    "data missing": (dict(overrides={"data": None}), "PETA.mat: peta: expected a field 'data'"),
+    "selected index 0": (
+        dict(overrides={"selected_attribute": np.arange(0, 35, dtype=np.float64)[None, :]}),
+        "PETA.mat: peta.selected_attribute: expected whole numbers in 1..40, got 0 (element 1)"),
+    "selected index beyond the names": (
+        dict(overrides={"selected_attribute": np.arange(7, 42, dtype=np.float64)[None, :]}),
+        "peta.selected_attribute: expected whole numbers in 1..40, got 41 (element 35)"),
+    "selected are names": (
+        dict(overrides={"selected_attribute": np.array([["a"]], dtype=object)}),
+        "peta.selected_attribute: expected a numeric array, got a 1x1 cell array"),
+    "partitions are numbers": (dict(overrides={"partion_attribute": np.ones((5, 1))}),
+                               "PETA.mat: peta.partion_attribute{1}: expected a struct with "
+                               "train, val and test indices, got a scalar float64 array"),
+    "partition index beyond the images": (
+        dict(partition_overrides={"train": np.array([[1.0], [9.0]])}),
+        "PETA.mat: peta.partion_attribute{1}.train: expected whole numbers in 1..8, got 9"),
+    "partition index a fraction": (
+        dict(partition_overrides={"val": np.array([[1.5]])}),
+        "peta.partion_attribute{1}.val: expected whole numbers in 1..8, got 1.5 (element 1)"),
+    "partition without val": (dict(partition_overrides={"val": None}),
+                              "PETA.mat: peta.partion_attribute{1}: expected a field 'val', "
+                              "found train, test"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_PETA))
+def test_peta_bad_mat_variables(tmp_path, case):
+    options, expected = BAD_PETA[case]
+    make_peta(str(tmp_path), **options)
+    with pytest.raises(Exception) as excinfo:
+        PETA(str(tmp_path), "train")
+    assert_one_line(excinfo, str(tmp_path / "PETA.mat") + ": ", expected)
+
+
+def test_peta_not_a_struct(tmp_path):
+    scipy.io.savemat(str(tmp_path / "PETA.mat"), {"peta": np.ones((1, 1))})
+    with pytest.raises(UserError, match="PETA.mat: peta: expected a 1x1 struct, got a 1x1 float64"):
+        PETA(str(tmp_path), "train")
+
+
+def _cell(strings):
+    cell = np.empty((len(strings), 1), dtype=object)
+    for i, value in enumerate(strings):
+        cell[i, 0] = value
+    return cell
+
+
+BAD_PA100K = {
+    "attribute names are numbers": ({"attributes": np.arange(26.0)[None, :]},
+                                    "annotation.mat: attributes: expected a cell array of "
+                                    "strings, got a 1x26 float64 array"),
+    "attribute names are a numeric cell": ({"attributes": _cell([np.array([[1.0]])] * 26)},
+                                           "annotation.mat: attributes: expected a cell array "
+                                           "of strings, got a 1x1 float64 array"),
+    "image names are numbers": ({"train_images_name": np.arange(3.0)[:, None]},
+                                "annotation.mat: train_images_name: expected a cell array of "
+                                "strings, got a 3x1 float64 array"),
+    "image name empty": ({"train_images_name": _cell(["000001.jpg", "", "000003.jpg"])},
+                         "annotation.mat: train_images_name: expected image file names, got an "
+                         "empty one (element 2)"),
+    "labels are text": ({"train_label": _cell(["1"] * 3)},
+                        "annotation.mat: train_label: expected a numeric array, got a 3x1 cell"),
+    "label value 2": ({"train_label": np.full((3, 26), 2, np.uint8)},
+                      "annotation.mat: expected 0/1 values in train_label, got 2 (row 1, column 1)"),
+    "labels transposed": ({"train_label": np.zeros((26, 3), np.uint8)},
+                          "annotation.mat: expected train_label of shape 3x26, got (26, 3)"),
+    "labels missing": ({"train_label": None}, "annotation.mat: expected a variable 'train_label'"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_PA100K))
+def test_pa100k_bad_mat_variables(tmp_path, case):
+    overrides, expected = BAD_PA100K[case]
+    make_pa100k(str(tmp_path), overrides=overrides)
+    with pytest.raises(Exception) as excinfo:
+        PA100K(str(tmp_path), "train")
+    assert_one_line(excinfo, str(tmp_path / "annotation.mat") + ": ", expected)

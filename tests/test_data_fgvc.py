@@ -329,3 +329,197 @@ def test_make_transform_errors():
         make_transform(dict(S3N_LIKE, train_crop="five_crop"), train=True)
     with pytest.raises(UserError, match="defaults: expected an 'image_size' entry"):
         make_transform({"lr": 0.1}, train=False)
+
+
+# ----------------------------------------------------------------------------- bad annotation files
+
+def assert_one_line(excinfo, *fragments):
+    """The error is a one-line UserError containing every fragment."""
+    message = str(excinfo.value)
+    assert excinfo.type is UserError and "\n" not in message, message
+    for fragment in fragments:
+        assert fragment in message, (fragment, message)
+
+
+def test_cub_bom_in_images_txt(tmp_path):
+    root = str(tmp_path)
+    make_cub(root)
+    path = tmp_path / "images.txt"
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())  # used to be blamed on image_class_labels.txt
+    train = CUB(root, "train")
+    assert len(train) == 3 and train.paths[0].endswith(CUB_IMAGES[0])
+    assert [train[i][1] for i in range(3)] == [0, 1, 199]
+
+
+def test_cub_utf8_and_latin1_image_names(tmp_path):
+    root = str(tmp_path)
+    make_cub(root)
+    name = "002.Laysan_Albatross/Laysan_Albatros\u00e9_0001.jpg"
+    write_jpeg(os.path.join(root, "images", name), solid_image(12, 40, COLOUR))
+    lines = ["%d %s" % (i + 1, rel) for i, rel in enumerate(CUB_IMAGES)]
+    lines[2] = "3 " + name
+    write_lines(tmp_path / "images.txt", lines)  # UTF-8
+    assert CUB(root, "train")[1][0].shape == (12, 40, 3)
+    (tmp_path / "images.txt").write_bytes("\n".join(lines).encode("latin-1"))
+    with pytest.raises(UserError) as excinfo:
+        CUB(root, "train")
+    offset = len("\n".join(lines[:2])) + 1 + len("3 002.Laysan_Albatross/Laysan_Albatros")
+    assert_one_line(excinfo, str(tmp_path / "images.txt") + ": expected UTF-8 text, got "
+                             "undecodable bytes at offset %d (Latin-1?) on line 3" % offset)
+
+
+def test_cub_classes_txt(tmp_path):
+    root = str(tmp_path)
+    make_cub(root)
+    names = ["%03d.class_%d" % (i, i) for i in range(1, 201)]
+    write_lines(tmp_path / "classes.txt", ["%d %s" % (i + 1, n) for i, n in enumerate(names)])
+    train = CUB(root, "train")
+    assert train.num_classes == 200 and train.class_names[199] == "200.class_200"
+    (tmp_path / "classes.txt").write_bytes(b"")  # used to mean 200 unnamed classes
+    with pytest.raises(UserError) as excinfo:
+        CUB(root, "train")
+    assert_one_line(excinfo, str(tmp_path / "classes.txt") + ": expected one line '<class id> "
+                             "<class name>' per class, got an empty file")
+    write_lines(tmp_path / "classes.txt", ["%d %s" % (i + 2, n) for i, n in enumerate(names)])
+    with pytest.raises(UserError, match="classes.txt: expected class ids 1..200 in order, got id 2 "
+                                        "on entry 1"):
+        CUB(root, "train")
+
+
+def test_cub_split_values_other_than_0_1(tmp_path):
+    root = str(tmp_path)
+    make_cub(root, is_train=(1, 0, 2, 1))  # 2 used to drop the image from both splits
+    with pytest.raises(UserError) as excinfo:
+        CUB(root, "test")
+    assert_one_line(excinfo, str(tmp_path / "train_test_split.txt") + " line 3: expected 1 "
+                                                                      "(train) or 0 (test), got 2")
+    write_lines(tmp_path / "train_test_split.txt", ["1 1", "2 0", "3 1", "4 one"])
+    with pytest.raises(UserError, match="train_test_split.txt line 4: expected numbers, got '4 one'"):
+        CUB(root, "train")
+    write_lines(tmp_path / "train_test_split.txt", ["1 1", "2 0", "3 1", "2 1", "4 1"])
+    with pytest.raises(UserError, match="train_test_split.txt line 4: id 2 is given twice "
+                                        "\\(first on line 2\\)"):
+        CUB(root, "train")
+
+
+def test_cub_nan_box_and_empty_images_txt(tmp_path):
+    root = str(tmp_path)
+    make_cub(root)
+    write_lines(tmp_path / "bounding_boxes.txt", ["1 5 6 nan 10", "2 5 6 20 11", "3 5 6 20 12",
+                                                 "4 5 6 20 13"])
+    with pytest.raises(UserError, match="bounding_boxes.txt line 1: expected numbers, got "
+                                        "'1 5 6 nan 10'"):
+        CUB(root, "train", crop_boxes=True)
+    (tmp_path / "images.txt").write_bytes(b"")
+    with pytest.raises(UserError, match="images.txt: expected lines '<image id> <image path>', "
+                                        "got an empty file"):
+        CUB(root, "train")
+
+
+def test_cub_s3n_list_bom_and_latin1(tmp_path):
+    root = str(tmp_path)
+    for i, rel in enumerate(CUB_IMAGES[:2]):
+        write_jpeg(os.path.join(root, "images", rel), solid_image(20, 20 + i, COLOUR))
+    text = "%s 0\n%s 1\n" % tuple(CUB_IMAGES[:2])
+    (tmp_path / "train.txt").write_bytes(b"\xef\xbb\xbf" + text.encode())
+    train = CUBS3N(root, "train")
+    assert train.paths[0].endswith(CUB_IMAGES[0]) and train[0][1] == 0
+    (tmp_path / "train.txt").write_bytes((text + "caf\u00e9.jpg 2\n").encode("latin-1"))
+    with pytest.raises(UserError) as excinfo:
+        CUBS3N(root, "train")
+    assert_one_line(excinfo, str(tmp_path / "train.txt") + ": expected UTF-8 text, got "
+                             "undecodable bytes at offset %d (Latin-1?) on line 3" % (len(text) + 3))
+
+
+def test_aircraft_bom_latin1_and_bad_variants(tmp_path):
+    root = str(tmp_path)
+    make_aircraft(root)
+    variants = tmp_path / "data" / "variants.txt"
+    variants.write_bytes(b"\xef\xbb\xbf" + variants.read_bytes())
+    train = Aircraft(root, "train")
+    assert train.class_names[0] == "707-320" and [train[i][1] for i in range(2)] == [0, 2]
+    listing = tmp_path / "data" / "images_variant_train.txt"
+    listing.write_bytes("1025794 707-320\n0056978 F\u00e9-18\n".encode("latin-1"))
+    with pytest.raises(UserError) as excinfo:
+        Aircraft(root, "train")
+    assert_one_line(excinfo, str(listing) + ": expected UTF-8 text, got undecodable bytes at "
+                                            "offset 25 (Latin-1?) on line 2")
+    write_lines(variants, ["707-320", "A340-500", "707-320"])
+    with pytest.raises(UserError, match="variants.txt: variant '707-320' is listed twice "
+                                        "\\(entries 1 and 3\\)"):
+        Aircraft(root, "train")
+    variants.write_bytes(b"")
+    with pytest.raises(UserError, match="variants.txt: expected one variant name per line, "
+                                        "got an empty file"):
+        Aircraft(root, "train")
+
+
+def rewrite_cars_train(root, change):
+    """Rewrite cars_train_annos.mat after ``change(annotations)`` edits the struct array."""
+    path = os.path.join(root, "devkit", "cars_train_annos.mat")
+    annotations = cars_annotations([(3, 4, 22, 13, 1, "00001.jpg"), (1, 1, 30, 30, 3, "00002.jpg")])
+    change(annotations)
+    scipy.io.savemat(path, {"annotations": annotations})
+    return path
+
+
+def _set_field(index, field, value):
+    def change(annotations):
+        annotations[0, index][field] = value
+    return change
+
+
+BAD_CARS = {
+    "class a string": (_set_field(1, "class", np.array(["three"])),
+                       "cars_train_annos.mat: annotations(2).class: expected a numeric array, "
+                       "got text of shape 1"),
+    "class a fraction": (_set_field(0, "class", np.array([[1.5]])),
+                         "cars_train_annos.mat: annotations(1).class: expected a whole class "
+                         "number, got 1.5"),
+    "bbox empty": (_set_field(1, "bbox_x2", np.zeros((0, 0))),
+                   "cars_train_annos.mat: annotations(2).bbox_x2: expected one finite number, "
+                   "got a 0x0 float64 array"),
+    "fname a number": (_set_field(0, "fname", np.array([[7]], np.uint16)),
+                       "cars_train_annos.mat: annotations(1).fname: expected a cell array of "
+                       "strings, got a 1x1 uint16 array"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CARS))
+def test_cars_bad_annotation_fields(tmp_path, case):
+    root = str(tmp_path)
+    make_cars(root)
+    change, expected = BAD_CARS[case]
+    path = rewrite_cars_train(root, change)
+    with pytest.raises(Exception) as excinfo:
+        Cars(root, "train")
+    assert_one_line(excinfo, path + ": ", expected)
+
+
+def test_cars_class_names_are_numbers(tmp_path):
+    root = str(tmp_path)
+    make_cars(root)
+    path = os.path.join(root, "devkit", "cars_meta.mat")
+    scipy.io.savemat(path, {"class_names": np.arange(3.0)[None, :]})
+    with pytest.raises(Exception) as excinfo:
+        Cars(root, "train")
+    assert_one_line(excinfo, path + ": class_names: expected a cell array of strings, got a 1x3 "
+                                    "float64 array")
+
+
+def test_flowers_bad_mat_variables(tmp_path):
+    root = str(tmp_path)
+    make_flowers(root)
+    scipy.io.savemat(str(tmp_path / "setid.mat"), {"trnid": np.array([[1, 2.5]]),
+                                                   "valid": np.array([[2]]),
+                                                   "tstid": np.array([[4]])})
+    with pytest.raises(Exception) as excinfo:
+        Flowers(root, "train")
+    assert_one_line(excinfo, str(tmp_path / "setid.mat") + ": trnid: expected whole numbers, got "
+                                                          "2.5 (element 2)")
+    scipy.io.savemat(str(tmp_path / "imagelabels.mat"),
+                     {"labels": np.array(["a", "b"], dtype=object)[None, :]})
+    with pytest.raises(Exception) as excinfo:
+        Flowers(root, "test")
+    assert_one_line(excinfo, str(tmp_path / "imagelabels.mat") + ": labels: expected a numeric "
+                                                                "array, got a 1x2 cell array")

@@ -1,5 +1,6 @@
 """training_runtime.images (robust loading, skip option) and training_runtime.records."""
 import os
+import warnings
 
 import numpy as np
 import mxnet as mx
@@ -8,12 +9,14 @@ from PIL import Image
 
 from training_runtime.errors import UserError
 from training_runtime.images import (ArrayImageDataset, ImageListDataset, check_image,
-                                     crop_box, load_image)
+                                     check_image_bytes, crop_box, decode_image, load_image,
+                                     mat_integers, mat_numbers, mat_strings, open_text, read_text)
 from training_runtime import records
 from training_runtime.records import RecordDataset, pack_dataset
 
 from conftest import FASHION_MNIST_DIR
-from helpers import coordinate_image, solid_image, write_image, write_jpeg
+from helpers import (coordinate_image, corrupt_png_bytes, solid_image, write_corrupt_png,
+                     write_image, write_jpeg)
 
 
 def noise_image(height, width, seed=0):
@@ -244,3 +247,172 @@ def test_records_cli_packs_fashion_mnist(tmp_path, capsys):
     code = records.main(["--task", "fgvc", "--dataset", "fashion-mnist", "--split", "train", "test",
                          "--prefix", prefix])
     assert code == 2 and "--prefix: packs one split; use --out-dir" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- corrupt image data
+
+def one_line_user_error(excinfo, *fragments):
+    """The UserError message: one line, containing every fragment."""
+    message = str(excinfo.value)
+    assert excinfo.type is UserError and "\n" not in message, message
+    for fragment in fragments:
+        assert fragment in message, (fragment, message)
+    return message
+
+
+def test_corrupt_png_data_fails_when_loaded_naming_the_file(tmp_path):
+    path = write_corrupt_png(tmp_path / "broken.png")
+    assert check_image(path) is None  # header and IEND are fine: the quick check passes
+    with pytest.raises(UserError) as excinfo:
+        load_image(path)  # what --predict uses
+    one_line_user_error(excinfo, path + ": expected a JPEG/PNG/BMP/GIF image, the decoder could "
+                                 "not read it", "decoder: ")
+    with pytest.raises(UserError, match="frame.png: expected a JPEG/PNG"):
+        decode_image(corrupt_png_bytes(), source="frame.png")
+    with pytest.raises(UserError, match="broken.png: expected a JPEG/PNG"):
+        ImageListDataset([path], [0])[0]
+    mx.nd.waitall()  # nothing failed asynchronously behind our back
+
+
+def test_skip_bad_images_substitutes_corrupt_png_deterministically(tmp_path):
+    good = [write_image(tmp_path / ("good%d.png" % i), solid_image(5 + i, 4, (9, 9, 9)), "PNG")
+            for i in range(2)]
+    bad = [write_corrupt_png(tmp_path / ("bad%d.png" % i)) for i in range(2)]
+    paths, labels = [good[0], bad[0], good[1], bad[1]], [0, 1, 2, 3]
+
+    def read_all(dataset):
+        return [(dataset[i][1], dataset[i][0].shape) for i in range(len(dataset))]
+
+    dataset = ImageListDataset(paths, labels, skip_bad_images=True)
+    assert len(dataset) == 4 and dataset.num_skipped == 0  # the quick check lets them through
+    with pytest.warns(UserWarning) as record:
+        first = read_all(dataset)
+    # each bad item is replaced by the next one that decodes (the last wraps around to 0)
+    assert first == [(0, (5, 4, 3)), (2, (6, 4, 3)), (2, (6, 4, 3)), (0, (5, 4, 3))]
+    messages = [str(w.message) for w in record if issubclass(w.category, UserWarning)]
+    assert len(messages) == 2  # once per bad image
+    assert "bad0.png" in messages[0] and "bad1.png" in messages[1]
+    assert dataset.num_skipped == 2 and sorted(dataset.bad_indices) == [1, 3]
+    assert [p for p, _ in dataset.skipped] == [bad[0], bad[1]]
+    assert "expected a JPEG/PNG" in dataset.skipped[0][1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # a second epoch: no new warning, nothing re-counted
+        assert read_all(dataset) == first
+    assert dataset.num_skipped == 2
+    with pytest.warns(UserWarning):  # a fresh dataset (a resumed run) maps indices the same way
+        assert read_all(ImageListDataset(paths, labels, skip_bad_images=True)) == first
+    with pytest.raises(IndexError):
+        dataset[4]
+    mx.nd.waitall()
+
+
+def test_skip_bad_images_none_decodable(tmp_path):
+    paths = [write_corrupt_png(tmp_path / ("bad%d.png" % i)) for i in range(2)]
+    dataset = ImageListDataset(paths, [0, 1], skip_bad_images=True, source="list.txt")
+    with pytest.warns(UserWarning):
+        with pytest.raises(UserError, match="list.txt: no loadable image left \\(2 of 2"):
+            dataset[1]
+
+
+def write_records(prefix, payloads, labels):
+    """A .rec/.idx pair of raw payloads (encoded images), as pack_img would store them."""
+    record = mx.recordio.MXIndexedRecordIO(prefix + ".idx", prefix + ".rec", "w")
+    for i, (payload, label) in enumerate(zip(payloads, labels)):
+        record.write_idx(i, mx.recordio.pack(mx.recordio.IRHeader(0, label, i, 0), payload))
+    record.close()
+
+
+def test_record_with_corrupt_png_names_the_record(tmp_path):
+    good = open(write_image(tmp_path / "g.png", solid_image(6, 6, (1, 2, 3)), "PNG"), "rb").read()
+    prefix = str(tmp_path / "mixed")
+    write_records(prefix, [good, corrupt_png_bytes()], [0.0, 1.0])
+    dataset = RecordDataset(prefix)
+    assert dataset[0][0].shape == (6, 6, 3)
+    with pytest.raises(UserError) as excinfo:
+        dataset[1]
+    one_line_user_error(excinfo, "mixed.rec record 1: expected a JPEG/PNG/BMP/GIF image")
+    mx.nd.waitall()
+
+
+def test_truncated_record_file(tmp_path):
+    paths = [write_image(tmp_path / ("%d.png" % i), noise_image(12, 12, i), "PNG")
+             for i in range(4)]
+    vectors = np.eye(4, 3, dtype=np.float32) * 2 - 1
+    prefix = str(tmp_path / "cut")
+    packed = ImageListDataset(paths, list(vectors))
+    packed.attribute_names = ("a", "b", "c")  # an attribute reader: the sidecar says task 'attr'
+    pack_dataset(packed, prefix)
+    with open(prefix + ".idx") as f:
+        offsets = [int(line.split()[1]) for line in f]
+    with open(prefix + ".rec", "rb") as f:
+        data = f.read()
+    with open(prefix + ".rec", "wb") as f:
+        f.write(data[:offsets[2] + 40])  # in the middle of record 2; the .idx lists all 4
+    dataset = RecordDataset(prefix)
+    assert len(dataset) == 4
+    np.testing.assert_array_equal(dataset[1][1], vectors[1])
+    for index in (2, 3):
+        with pytest.raises(UserError) as excinfo:
+            dataset[index]
+        one_line_user_error(excinfo, "cut.rec: record %d is truncated or unreadable" % index,
+                            "re-pack it with python -m training_runtime.records")
+    with pytest.raises(UserError, match="cut.rec: record 2 is truncated"):
+        dataset.label_matrix  # headers only, same message
+    assert dataset[0][0].shape == (12, 12, 3)  # the reader still works for the others
+    with open(prefix + ".idx", "w") as f:
+        f.write("0\tzero\n")
+    with pytest.raises(UserError, match="cut.idx: expected lines '<record id><TAB><byte offset>'"):
+        RecordDataset(prefix)
+
+
+# ----------------------------------------------------------------------------- text files
+
+def test_open_text_utf8_bom_and_newlines(tmp_path):
+    path = tmp_path / "list.txt"
+    path.write_bytes(b"\xef\xbb\xbf1 caf\xc3\xa9.jpg\r\n2 b.jpg\r\n")
+    with open_text(str(path)) as f:
+        assert f.readlines() == ["1 caf\u00e9.jpg\n", "2 b.jpg\n"]
+    assert read_text(str(path)).startswith("1 caf")
+
+
+def test_open_text_latin1_and_utf16_are_errors(tmp_path):
+    path = tmp_path / "latin.txt"
+    path.write_bytes("1 a.jpg\n2 caf\u00e9.jpg\n".encode("latin-1"))
+    with pytest.raises(UserError) as excinfo:
+        open_text(str(path))
+    one_line_user_error(excinfo, str(path) + ": expected UTF-8 text, got undecodable bytes at "
+                                             "offset 13 (Latin-1?) on line 2")
+    path = tmp_path / "wide.txt"
+    path.write_bytes("1 a.jpg\n".encode("utf-16"))
+    with pytest.raises(UserError, match="wide.txt: expected UTF-8 text, got undecodable bytes at "
+                                        "offset 0 \\(UTF-16"):
+        open_text(str(path))
+    with pytest.raises(UserError, match="none.txt: file not found"):
+        open_text(str(tmp_path / "none.txt"))
+
+
+# ----------------------------------------------------------------------------- .mat helpers
+
+def test_mat_helpers_name_the_variable():
+    numbers = np.arange(3.0)[None, :]
+    with pytest.raises(UserError, match="a.mat: names: expected a cell array of strings, got a "
+                                        "1x3 float64 array"):
+        mat_strings(numbers, "a.mat: names")  # recursed forever before
+    with pytest.raises(ValueError, match="expected a cell array of strings"):
+        mat_strings(numbers)
+    cell = np.empty((3, 1), dtype=object)
+    cell[0, 0], cell[1, 0], cell[2, 0] = np.array(["x"]), np.array([], "<U1"), np.array(["z"])
+    assert mat_strings(cell) == ["x", "", "z"]  # an empty string keeps its place
+    cell[1, 0] = np.array([[4.0]])
+    with pytest.raises(UserError, match="a.mat: names: expected a cell array of strings"):
+        mat_strings(cell, "a.mat: names")
+    with pytest.raises(UserError, match="a.mat: data: expected a numeric array, got a 3x1 cell"):
+        mat_numbers(cell, "a.mat: data")
+    np.testing.assert_array_equal(mat_integers(np.array([[1, 2]], np.uint8), "a.mat: ids"), [1, 2])
+    with pytest.raises(UserError, match=r"a.mat: ids: expected whole numbers in 1..5, got 1.5 "
+                                        r"\(element 2\)"):
+        mat_integers(np.array([[1, 1.5]]), "a.mat: ids", minimum=1, maximum=5)
+    with pytest.raises(UserError, match=r"a.mat: ids: expected whole numbers, got nan"):
+        mat_integers(np.array([[np.nan]]), "a.mat: ids")
+    with pytest.raises(UserError, match=r"a.mat: ids: expected a vector, got a 2x2 array"):
+        mat_integers(np.ones((2, 2)), "a.mat: ids")

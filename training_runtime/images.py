@@ -18,13 +18,24 @@ files are verified UP FRONT at construction with the cheap check above
 ones are dropped from the list and recorded in ``.skipped``. Dropping at
 construction keeps the dataset length and order fixed for the whole run (what
 exact resume needs: the same index always means the same image). A file that
-passes the cheap check but still fails to decode is reported when it is
-loaded; with ``skip_bad_images=True`` it is then replaced by the next
-loadable item (deterministic: index + 1, + 2, ... modulo the length) and
-appended to ``.skipped`` (in the loading process; a DataLoader worker's list
-is its own, the warning is printed either way).
+passes the cheap check but still fails to decode (e.g. a PNG with corrupt
+image data that still ends with IEND) is reported when it is loaded: decoding
+is synchronous (:func:`decode_image` waits for mxnet's decoder), so the error
+names the file. With ``skip_bad_images=True`` such an item is replaced by the
+next loadable item (deterministic: index + 1, + 2, ... modulo the length),
+its index is remembered in ``.bad_indices`` (never tried again) and it is
+appended to ``.skipped`` once, with one warning (in the loading process; a
+DataLoader worker's list is its own, the warning is printed either way).
+
+Annotation text files are read by :func:`open_text`: UTF-8, a leading BOM
+stripped, and a UserError naming the file and the byte offset for any other
+encoding. :func:`mat_strings`, :func:`mat_numbers` and :func:`mat_integers`
+read MATLAB variables with UserErrors naming the file and the variable.
 """
+import codecs
+import io
 import json
+import math
 import os
 import warnings
 
@@ -102,18 +113,37 @@ def check_image(path):
     return check_image_bytes(data)
 
 
+def _decoder_reason(err):
+    """The useful last line of an MXNetError from the image decoder (one line, short)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    last = lines[-1] if lines else ""
+    if last.startswith("MXNetError:"):
+        last = last[len("MXNetError:"):].strip()
+    if "Invalid image file." in last:
+        last = last.split("Invalid image file.", 1)[1].strip() or "decoding failed"
+    return last[:120] or "decoding failed"
+
+
 def decode_image(data, source="<bytes>"):
-    """Encoded bytes -> H×W×3 uint8 RGB NDArray, UserError naming ``source`` if bad."""
+    """Encoded bytes -> H×W×3 uint8 RGB NDArray, UserError naming ``source`` if bad.
+
+    Decoding is finished here (``wait_to_read``): mxnet decodes asynchronously,
+    and a file whose header is fine but whose image data is corrupt (a PNG with
+    a damaged IDAT that still ends with IEND) would otherwise fail later, in
+    whatever operation first reads the array, with no file named.
+    """
     reason = check_image_bytes(data)
     if reason is not None:
         raise UserError("%s: expected a complete image file, got %s" % (source, reason))
+    detail = ""
     try:
         image = mx.image.imdecode(data, flag=1, to_rgb=True)
-    except mx.base.MXNetError:
-        image = None
+        image.wait_to_read()
+    except mx.base.MXNetError as err:
+        image, detail = None, " (decoder: %s)" % _decoder_reason(err)
     if image is None or image.ndim != 3 or image.shape[0] == 0 or image.shape[1] == 0:
         raise UserError("%s: expected a JPEG/PNG/BMP/GIF image, the decoder could not read it "
-                        "(corrupt or not an image)" % source)
+                        "(corrupt or not an image)%s" % (source, detail))
     return image
 
 
@@ -186,6 +216,8 @@ class ImageListDataset(Dataset):
         self.paths = [paths[i] for i in keep]
         self.labels = [labels[i] for i in keep]
         self.boxes = None if boxes is None else [boxes[i] for i in keep]
+        #: index -> reason of the items found undecodable at load time (skip_bad_images=True)
+        self.bad_indices = {}
         if skip_bad_images and self.skipped:
             warnings.warn("%s: skipped %d bad image(s), e.g. %s (%s)"
                           % (source or "image list", len(self.skipped), *self.skipped[0]))
@@ -211,14 +243,25 @@ class ImageListDataset(Dataset):
     def __getitem__(self, idx):
         if not self.skip_bad_images:
             return self._load(idx), self.labels[idx]
-        for step in range(len(self.paths)):
-            j = (idx + step) % len(self.paths)
+        count = len(self.paths)
+        if not -count <= idx < count:
+            raise IndexError("image index %d out of range (%d images)" % (idx, count))
+        idx %= count
+        # an undecodable item is replaced by the next one (modulo the length) that loads:
+        # deterministic, so the same index always gives the same image (exact resume)
+        for step in range(count):
+            j = (idx + step) % count
+            if j in self.bad_indices:
+                continue
             try:
                 return self._load(j), self.labels[j]
             except UserError as err:
+                self.bad_indices[j] = str(err)
                 self.skipped.append((self.paths[j], str(err)))
-                warnings.warn("skipping bad image at load time: %s" % err)
-        raise UserError("%s: no loadable image left" % (self.source or "image list"))
+                warnings.warn("skipping bad image at load time (item %d is replaced by the next "
+                              "loadable one): %s" % (j, err))
+        raise UserError("%s: no loadable image left (%d of %d failed to load)"
+                        % (self.source or "image list", len(self.bad_indices), count))
 
 
 class ArrayImageDataset(Dataset):
@@ -263,11 +306,47 @@ def require_root(root, name):
     return root
 
 
-def open_text(path):
-    """Open an annotation text file, UserError when it does not exist."""
+def _encoding_guess(data):
+    """A guess at the encoding of bytes that are not UTF-8, for the error message."""
+    if data[:2] in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE) or data[:4] in (
+            codecs.BOM_UTF32_LE, codecs.BOM_UTF32_BE):
+        return "UTF-16/32?"
+    if data.count(b"\x00") > len(data) // 8:
+        return "UTF-16 or binary?"
+    return "Latin-1?"
+
+
+def read_text(path):
+    """The text of an annotation file: UTF-8, a leading byte-order mark (utf-8-sig) dropped.
+
+    UserError when the file is missing, unreadable or not UTF-8:
+    ``<file>: expected UTF-8 text, got undecodable bytes at offset N (Latin-1?) on line L``.
+    """
     if not os.path.isfile(path):
         raise UserError("%s: file not found" % path)
-    return open(path, "r")
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as err:
+        raise UserError("%s: expected a readable text file (%s)" % (path, err))
+    start = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
+    try:
+        text = data[start:].decode("utf-8")
+    except UnicodeDecodeError as err:
+        offset = start + err.start
+        raise UserError("%s: expected UTF-8 text, got undecodable bytes at offset %d (%s) on "
+                        "line %d" % (path, offset, _encoding_guess(data),
+                                     data.count(b"\n", 0, offset) + 1))
+    # universal newlines, as open(path, "r") gives them
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def open_text(path):
+    """An annotation text file as a file-like object of its text (:func:`read_text`).
+
+    UserError when it does not exist or is not UTF-8 (a leading BOM is dropped).
+    """
+    return io.StringIO(read_text(path))
 
 
 def first_existing(candidates, what):
@@ -297,16 +376,95 @@ def load_json(path, expected):
         raise UserError("%s: expected %s (%s)" % (path, expected, err))
 
 
-def mat_strings(cell):
-    """Strings of a MATLAB cell/char array (any nesting, as loadmat returns them), in order."""
+def describe_mat(value):
+    """A short description of what loadmat returned for a variable ("a 1x26 double array", ...)."""
+    if isinstance(value, (str, bytes)):
+        return "the text %r" % (value[:40],)
+    array = np.asarray(value)
+    shape = "x".join(str(n) for n in array.shape) or "scalar"
+    if array.dtype.names is not None:
+        return "a %s struct" % shape
+    if array.dtype.kind == "O":
+        return "a %s cell array" % shape
+    if array.dtype.kind in "US":
+        return "text of shape %s" % shape
+    return "a %s %s array" % (shape, array.dtype.name)
+
+
+def _mat_error(source, message):
+    if source is None:
+        return ValueError(message)
+    return UserError("%s: %s" % (source, message))
+
+
+def mat_strings(cell, source=None):
+    """Strings of a MATLAB cell/char array (any nesting, as loadmat returns them), in order.
+
+    Every element of a cell gives one string (an empty char array gives "").
+    ``source`` ("<file>: <variable>") names the variable in the UserError raised
+    when the array holds something other than text (numbers, structs); without
+    it that is a ValueError.
+    """
     if isinstance(cell, str):
         return [cell]
     if isinstance(cell, bytes):
-        return [cell.decode()]
+        return [cell.decode("utf-8", "replace")]
     array = np.asarray(cell)
     if array.dtype.kind in "US":
         return [str(v) for v in array.ravel()]
+    if array.dtype.kind != "O" or array.dtype.names is not None:
+        raise _mat_error(source, "expected a cell array of strings, got %s" % describe_mat(cell))
     out = []
     for item in array.ravel():
-        out.extend(mat_strings(item))
+        if isinstance(item, np.ndarray) and item.dtype.kind in "US" and item.size == 0:
+            out.append("")  # '' in a cell: keep its place
+        else:
+            out.extend(mat_strings(item, source))
     return out
+
+
+def mat_numbers(value, source, ndim=None):
+    """A numeric MATLAB variable as a float64 array, UserError naming ``source`` otherwise.
+
+    source: "<file>: <variable>"; ndim: None, or the number of dimensions the
+    array must have (2: a matrix; 1: any vector, returned flattened). Logical
+    arrays count as numbers; NaN is allowed here (the callers check values).
+    """
+    array = np.asarray(value)
+    if array.dtype.kind not in "biuf" or array.dtype.names is not None:
+        raise UserError("%s: expected a numeric array, got %s" % (source, describe_mat(value)))
+    array = array.astype(np.float64)
+    if ndim == 1:
+        if array.ndim > 2 or (array.ndim == 2 and min(array.shape) > 1):
+            raise UserError("%s: expected a vector, got a %s array"
+                            % (source, "x".join(map(str, array.shape))))
+        return array.ravel()
+    if ndim is not None and array.ndim != ndim:
+        raise UserError("%s: expected a %d-D array, got shape %s"
+                        % (source, ndim, "x".join(map(str, array.shape)) or "scalar"))
+    return array
+
+
+def mat_integers(value, source, minimum=None, maximum=None):
+    """A numeric MATLAB vector of whole numbers as a 1-D int64 array (UserError naming ``source``
+    for text, structs, fractions, NaN or values outside [minimum, maximum])."""
+    array = mat_numbers(value, source, ndim=1)
+    bad = ~np.isfinite(array) | (array != np.round(array))
+    if minimum is not None:
+        bad |= array < minimum
+    if maximum is not None:
+        bad |= array > maximum
+    if bad.any():
+        first = int(np.argmax(bad))
+        bounds = ""
+        if minimum is not None or maximum is not None:
+            bounds = " in %s..%s" % ("" if minimum is None else "%d" % minimum,
+                                     "" if maximum is None else "%d" % maximum)
+        raise UserError("%s: expected whole numbers%s, got %s (element %d)"
+                        % (source, bounds, _number(array[first]), first + 1))
+    return array.astype(np.int64)
+
+
+def _number(value):
+    value = float(value)
+    return "%d" % value if math.isfinite(value) and value == int(value) else "%g" % value

@@ -27,6 +27,7 @@ import argparse
 import glob
 import json
 import os
+import struct
 import sys
 
 import numpy as np
@@ -136,7 +137,12 @@ class RecordDataset(RecordFileDataset):
         if task is not None and self.meta["task"] != task:
             raise UserError("%s.json: records packed with --task %s, expected --task %s"
                             % (prefix, self.meta["task"], task))
-        super(RecordDataset, self).__init__(prefix + ".rec")
+        try:
+            super(RecordDataset, self).__init__(prefix + ".rec")
+        except (ValueError, IndexError) as err:  # MXIndexedRecordIO parses the .idx with int()
+            raise UserError("%s.idx: expected lines '<record id><TAB><byte offset>' as written by "
+                            "training_runtime.records, got unreadable content (%s)" % (prefix, err))
+        self._rec_size = os.path.getsize(prefix + ".rec")
         total = len(self._record.keys)
         self._length = total if limit is None else min(int(limit), total)
         if self._length == 0:
@@ -154,9 +160,31 @@ class RecordDataset(RecordFileDataset):
         return self._length
 
     def _header(self, idx):
+        """(IRHeader, encoded image bytes) of record ``idx``; UserError when the .rec cannot
+        give it (truncated or corrupt: the .idx lists records the file does not hold)."""
         if not 0 <= idx < self._length:
             raise IndexError("record index %d out of range (%d records)" % (idx, self._length))
-        return mx.recordio.unpack(super(RecordDataset, self).__getitem__(idx))
+        offset = self._record.idx[self._record.keys[idx]]
+        unpacked = None
+        # a record the file does not reach is not read: once mxnet's reader hits the end of
+        # the file it stays there and returns nothing for every record after
+        if offset < self._rec_size:
+            try:
+                raw = super(RecordDataset, self).__getitem__(idx)
+                unpacked = None if raw is None else mx.recordio.unpack(raw)
+            except (mx.base.MXNetError, struct.error, ValueError):
+                unpacked = None
+            if unpacked is None:
+                self._record.reset()  # a fresh reader for the records that are fine
+        if unpacked is None:
+            where = ("the file (%d bytes) ends before its offset %d" % (self._rec_size, offset)
+                     if offset >= self._rec_size else
+                     "at offset %d of %d bytes: the file ends inside it or it is corrupt"
+                     % (offset, self._rec_size))
+            raise UserError("%s.rec: record %d is truncated or unreadable (%s; %s.idx lists %d "
+                            "records): re-pack it with python -m training_runtime.records"
+                            % (self.prefix, idx, where, self.prefix, len(self._record.keys)))
+        return unpacked
 
     @property
     def label_matrix(self):
