@@ -221,33 +221,33 @@ def _read_params_file(path):
     return loaded
 
 
-def _candidate_layouts(stem, block):
-    """[(description, OrderedDict name → Parameter)] that a file for ``block`` may use."""
+def _candidate_layouts(stem, block, structural):
+    """[build() -> OrderedDict name → Parameter (or None)] of the layouts a file for
+    ``block`` may use: structural ones (save_parameters) or not (save_params)."""
+    if not structural:
+        if stem.startswith("backbone_"):
+            return [lambda: _backbone_layout(block)]
+        return [lambda: _sequential_layouts(block)["save_params"]]
     if stem.startswith("backbone_"):
-        candidates = [("save_params", lambda: _backbone_layout(block)),
-                      ("save_parameters of the model-zoo network", lambda: _zoo_structural_layout(block)),
-                      ("save_parameters of this program's backbone",
-                       lambda: OrderedDict(block._collect_params_with_prefix().items()))]
-    else:
-        layouts = _sequential_layouts(block)
-        candidates = [(name, (lambda name=name: layouts[name])) for name in LAYOUTS]
-    return candidates
+        # the original's SymbolBlock writes prefix-stripped names with either function;
+        # structural names come from the model-zoo network it wraps, or from our TapBackbone
+        return [lambda: _zoo_structural_layout(block),
+                lambda: OrderedDict(block._collect_params_with_prefix().items())]
+    return [lambda: _sequential_layouts(block)["save_parameters"]]
 
 
 def _match_layout(stem, block, names):
     """The layout (name → Parameter) of ``block`` that the file's ``names`` use:
-    structural (Gluon's test: a '.' in any name) or not, then the most names in common."""
-    structural = any("." in name for name in names)
+    structural or not (Gluon's own test: a '.' in any name), then the one with
+    the most names in common."""
     best = None
-    for _, build in _candidate_layouts(stem, block):
+    for build in _candidate_layouts(stem, block, any("." in name for name in names)):
         layout = build()
-        if layout is None or any("." in name for name in layout) != structural:
+        if layout is None:
             continue
         common = len(set(names) & set(layout))
         if best is None or common > best[0]:
             best = (common, layout)
-    if best is None:  # e.g. structural names for a block with no structural layout
-        return _candidate_layouts(stem, block)[0][1]()
     return best[1]
 
 
@@ -316,7 +316,7 @@ def _missing_hint(stem, files, stems, aliases):
         if other:
             hints.append("found %s: the model was built with another backbone family (--backbone)"
                          % ", ".join(other[:3]))
-        if any(f.lower().startswith(_ORIGINAL_SAVE_PREFIX) for f in files):
+        if stem == "backbone_resnet" and any(f.lower().startswith(_ORIGINAL_SAVE_PREFIX) for f in files):
             hints.append("the original's training script saves the backbone separately, as "
                          "saved_models/%sbase_resNet.params: copy it here" % _ORIGINAL_SAVE_PREFIX)
     unmatched = [f for f in files if len(_stems_in(f, stems, aliases)) != 1]

@@ -338,8 +338,8 @@ def _read_is_number(value):
 
 
 # optional entries of meta / progress: the type each must have where present
-_READ_META_TYPES = {"script": (str,), "model": (str,), "dataset": (str,), "backbone": (str,),
-                    "config": (dict,), "labels": (list,), "num_classes": (int,)}
+_READ_META_TYPES = {"script": (str,), "config": (dict,), "labels": (list,), "num_classes": (int,),
+                    "backbone": (str, type(None)), "data": (dict, type(None))}
 _READ_PROGRESS_INTS = ("epoch", "batch_in_epoch", "loss_count", "batch_size", "seed")
 _READ_PROGRESS_NUMBERS = ("loss_sum", "epoch_time")
 
