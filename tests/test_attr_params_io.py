@@ -431,14 +431,19 @@ def _joint_new(name):
     return "joint_new_base_resNet.params" if name == "backbone_resnet.params" else "joint_new_" + name
 
 
+def _fresh_model_loaded_from(directory, seed):
+    """(a freshly initialised resnet18 model, load_original_params' file per block) of ``directory``."""
+    mx.random.seed(seed)
+    fresh = AttributeModel(NUM_CLASSES, backbone="resnet18_v1", input_size=64)
+    return fresh, load_original_params(fresh, directory)
+
+
 def test_the_original_scripts_save_names_and_other_prefixes_load(resnet18_saved, tmp_path):
     net, directory = resnet18_saved
     x = mx.nd.random.uniform(-1, 1, shape=(2, 3, 64, 64))
     expected = _prediction(net, x)
     joint = _linked(directory, str(tmp_path / "joint"), _joint_new)
-    mx.random.seed(31)
-    fresh = AttributeModel(NUM_CLASSES, backbone="resnet18_v1", input_size=64)
-    used = load_original_params(fresh, joint)
+    fresh, used = _fresh_model_loaded_from(joint, seed=31)
     assert os.path.basename(used["backbone_resnet"]) == "joint_new_base_resNet.params"
     assert os.path.basename(used["fatt_stage_3"]) == "joint_new_fatt_stage_3.params"
     np.testing.assert_allclose(_prediction(fresh, x), expected, rtol=1e-6, atol=1e-7)
@@ -446,9 +451,7 @@ def test_the_original_scripts_save_names_and_other_prefixes_load(resnet18_saved,
     epochs = _linked(directory, str(tmp_path / "epochs"),
                      lambda name: name.replace(".params", "-0042.params") if "stage_2" in name
                      else "best_" + name)
-    mx.random.seed(32)
-    fresh = AttributeModel(NUM_CLASSES, backbone="resnet18_v1", input_size=64)
-    used = load_original_params(fresh, epochs)
+    fresh, used = _fresh_model_loaded_from(epochs, seed=32)
     assert os.path.basename(used["fsr_stage_2"]) == "fsr_stage_2-0042.params"
     assert os.path.basename(used["backbone_resnet"]) == "best_backbone_resnet.params"
     np.testing.assert_allclose(_prediction(fresh, x), expected, rtol=1e-6, atol=1e-7)
