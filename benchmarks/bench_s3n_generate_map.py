@@ -1,17 +1,33 @@
-"""Time S3N's vectorised generate_map against a per-sample / per-peak Python loop.
+"""Time S3N's generate_map: forward and forward+backward, with a breakdown, optionally against upstream.
 
-The loop version below follows upstream's structure (Yao-DD/S3N
-``S3N.generate_map``): a Python loop over the samples, the gate and the peak
-list read on the host, one ``gaussian_kernel`` per peak, then the sampler with
-MXNet's 61×61 ``Convolution``. It is checked to give the same numbers as
-``fgvc_gluon.s3n.generate_map`` (in float64, to rounding) before timing in float32.
+Inputs (random, fixed seed): batch×3×size×size smooth images, batch×classes×crm×crm class
+response maps (``--maps blobs``: two Gaussian blobs per class plus a little noise, CAM-like with
+1-4 peaks per sample; ``noise``: white noise, ~30 peaks per sample), resized to 31×31
+(align_corners, no gradient) inside the timed region, as S3N's forward does.
+
+Timed, best of ``--repeat``: forward (outside autograd) and forward+backward (under record,
+backward of a random linear objective of both sampled images to radius, radius_inv, the 61×61
+filter and, unless ``--no-image-grad``, the images), for every ``resize_impl`` of
+:data:`fgvc_gluon.s3n.RESIZE_IMPLS` ('matmul' is the default, 'mxnet' the former path), in one run.
+Breakdown (default path): the grid resize and BilinearSampler alone, the rest by difference.
+
+``--upstream-script`` runs a timing script for upstream's PyTorch code (kept outside this
+repository) with ``--upstream-python`` on the same data; it gets
+``BATCH SIZE CLASSES REPEAT IMAGE_GRAD MODE DATA.npz`` and must print
+``upstream_forward=<s> upstream_train=<s>``. ``--check`` compares against the per-sample /
+per-peak loop form below in float64 (to rounding) before timing.
 
 Usage: python benchmarks/bench_s3n_generate_map.py [--batch 16] [--size 448] [--classes 200]
-       [--repeat 3] [--mode 0]
-Prints ms per batch (forward + backward to the images and the radius scales)
-for both and their ratio.
+       [--crm-size 14] [--maps blobs] [--repeat 3] [--mode 0] [--no-image-grad] [--check]
+       [--upstream-script S --upstream-python P]
+Last line: ``step_seconds=<forward+backward of the default path>``.
 """
 import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
 import time
 
 import numpy as np
@@ -20,8 +36,12 @@ from mxnet import autograd, nd
 from fgvc_gluon import s3n
 
 
-def loop_generate_map(images, class_response_maps, p, base_ratio, radius, radius_inv):
-    """The straightforward form: Python loops over samples and peaks (p = 0 or 2)."""
+def loop_generate_map(images, class_response_maps, p, base_ratio, radius, radius_inv, resize_impl="mxnet"):
+    """The straightforward form: Python loops over samples and peaks (p = 0 or 2).
+
+    The grid is resized with ``resize_impl`` (BilinearResize2D computes its source positions in
+    float32 even for float64 data, so a float64 comparison uses the same resize on both sides).
+    """
     num, num_classes = class_response_maps.shape[:2]
     size = s3n.GRID_SIZE
     gap = nd.softmax(nd.mean(class_response_maps, axis=(2, 3)), axis=1).asnumpy()
@@ -74,20 +94,148 @@ def loop_generate_map(images, class_response_maps, p, base_ratio, radius, radius
                                   kernel=(s3n.FILTER_SIZE,) * 2, num_filter=1, no_bias=True)
         filtered = filtered.reshape((-1, 3, size, size))
         grid = nd.clip(filtered[:, 1:] / filtered[:, :1] * 2 - 1, -1, 1)
-        grid = nd.contrib.BilinearResize2D(grid, height=images.shape[2], width=images.shape[3],
-                                           align_corners=True)
+        if resize_impl == "matmul":
+            grid = s3n.resize_align_corners(nd, grid, images.shape[2], images.shape[3], "float64")
+        else:
+            grid = nd.contrib.BilinearResize2D(grid, height=images.shape[2], width=images.shape[3],
+                                               align_corners=True)
         outputs.append(nd.BilinearSampler(images, grid))
     return outputs[0], outputs[1]
 
 
-def run(function, images, maps, p, radius, radius_inv, weights):
-    """One training-like call: forward under record, backward to images and radius scales."""
-    with autograd.record():
-        zoom, inv = function(images, maps, p, 0.09, radius, radius_inv)
-        objective = nd.sum(zoom * weights[0]) + nd.sum(inv * weights[1])
-    objective.backward()
+def make_inputs(args):
+    """images N×3×S×S, coarse CAMs N×K×c×c and two objective weights N×3×S×S (float32 numpy)."""
+    rng = np.random.RandomState(0)
+    images = nd.contrib.BilinearResize2D(nd.array(rng.rand(args.batch, 3, 56, 56)),
+                                         height=args.size, width=args.size).asnumpy()
+    side = args.crm_size
+    if args.maps == "noise":
+        coarse = rng.randn(args.batch, args.classes, side, side)
+    else:
+        rows, cols = np.mgrid[0:side, 0:side]
+        coarse = 0.05 * rng.randn(args.batch, args.classes, side, side)
+        for _ in range(2):
+            cy, cx = (rng.uniform(0, side - 1, (2, args.batch, args.classes, 1, 1)))
+            spread = rng.uniform(0.1, 0.25, (args.batch, args.classes, 1, 1)) * side
+            height = rng.uniform(0.5, 2.0, (args.batch, args.classes, 1, 1))
+            coarse += height * np.exp(-((rows - cy) ** 2 + (cols - cx) ** 2) / (2 * spread ** 2))
+    weights = [rng.randn(args.batch, 3, args.size, args.size) for _ in range(2)]
+    return [np.asarray(a, np.float32) for a in (images, coarse, weights[0], weights[1])]
+
+
+def crm_31(coarse, resize_impl):
+    """The CAMs resized to 31×31 (align_corners), as S3N.class_response_maps does."""
+    if resize_impl == "matmul":
+        return s3n.resize_align_corners(nd, coarse, s3n.GRID_SIZE, s3n.GRID_SIZE)
+    return nd.contrib.BilinearResize2D(coarse, height=s3n.GRID_SIZE, width=s3n.GRID_SIZE, align_corners=True)
+
+
+def best(function, repeat):
+    function()
     nd.waitall()
-    return zoom, inv, images.grad.copy(), radius.grad.copy(), radius_inv.grad.copy()
+    times = []
+    for _ in range(repeat):
+        start = time.time()
+        function()
+        nd.waitall()
+        times.append(time.time() - start)
+    return min(times)
+
+
+def time_port(args, arrays, resize_impl):
+    images, coarse, weight0, weight1 = [nd.array(a) for a in arrays]
+    radius, radius_inv = nd.array([0.09]), nd.array([0.3])
+    filter_weight = s3n._default_filter(images.context, "float32")
+    for array in ([radius, radius_inv, filter_weight] + ([] if args.no_image_grad else [images])):
+        array.attach_grad()
+
+    def forward():
+        return s3n.generate_map(images, crm_31(coarse, resize_impl), args.mode, 0.09, radius, radius_inv,
+                                filter_weight, resize_impl=resize_impl)
+
+    def train():
+        with autograd.record():
+            zoom, inv = forward()
+            objective = nd.sum(zoom * weight0) + nd.sum(inv * weight1)
+        objective.backward()
+
+    return best(forward, args.repeat), best(train, args.repeat)
+
+
+def time_parts(args, arrays):
+    """Grid resize 31→S and BilinearSampler alone, per map, forward and forward+backward."""
+    rng = np.random.RandomState(1)
+    images = nd.array(arrays[0])
+    if not args.no_image_grad:
+        images.attach_grad()
+    coarse_grid = nd.array(np.clip(rng.randn(args.batch, 2, s3n.GRID_SIZE, s3n.GRID_SIZE) * 0.3, -1, 1))
+    coarse_grid.attach_grad()
+    parts = {}
+    for impl in s3n.RESIZE_IMPLS:
+        def resize(impl=impl):
+            if impl == "matmul":
+                return s3n.resize_align_corners(nd, coarse_grid, args.size, args.size)
+            return nd.contrib.BilinearResize2D(coarse_grid, height=args.size, width=args.size,
+                                               align_corners=True)
+
+        def resize_train(resize=resize):
+            with autograd.record():
+                out = resize()
+            out.backward(nd.ones_like(out))
+
+        parts["grid resize (%s)" % impl] = (best(resize, args.repeat), best(resize_train, args.repeat))
+    grid = s3n.resize_align_corners(nd, coarse_grid, args.size, args.size)
+    grid.attach_grad()
+
+    def sample_train():
+        with autograd.record():
+            out = nd.BilinearSampler(images, grid)
+        out.backward(nd.ones_like(out))
+
+    parts["BilinearSampler"] = (best(lambda: nd.BilinearSampler(images, grid), args.repeat),
+                                best(sample_train, args.repeat))
+    return parts
+
+
+def time_upstream(args, arrays):
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "inputs.npz")
+        np.savez(path, images=arrays[0], coarse=arrays[1], w0=arrays[2], w1=arrays[3])
+        command = [args.upstream_python, args.upstream_script, str(args.batch), str(args.size),
+                   str(args.classes), str(args.repeat), "0" if args.no_image_grad else "1", str(args.mode), path]
+        output = subprocess.run(command, check=True, stdout=subprocess.PIPE, universal_newlines=True).stdout
+    found = re.search(r"upstream_forward=([0-9.]+) upstream_train=([0-9.]+)", output)
+    if not found:
+        sys.exit("--upstream-script: no 'upstream_forward=… upstream_train=…' line in its output:\n" + output)
+    return float(found.group(1)), float(found.group(2))
+
+
+def check_against_loop(args, arrays):
+    """float64: the vectorised form equals the loop form to rounding (both resize impls)."""
+    images, coarse, weight0, weight1 = [nd.array(a, dtype="float64") for a in arrays]
+    maps = crm_31(coarse, "mxnet")
+    weights = [weight0, weight1]
+    checked = {}
+    for name, function in [(impl + suffix, lambda *a, impl=impl, f=f: f(*a, resize_impl=impl))
+                           for impl in s3n.RESIZE_IMPLS
+                           for suffix, f in (("", s3n.generate_map), ("_loop", loop_generate_map))]:
+        radius, radius_inv = nd.array([0.09], dtype="float64"), nd.array([0.3], dtype="float64")
+        image_copy = images.copy()
+        for array in (image_copy, radius, radius_inv):
+            array.attach_grad()
+        with autograd.record():
+            zoom, inv = function(image_copy, maps, args.mode, 0.09, radius, radius_inv)
+            objective = nd.sum(zoom * weights[0]) + nd.sum(inv * weights[1])
+        objective.backward()
+        checked[name] = [zoom, inv, image_copy.grad, radius.grad, radius_inv.grad]
+    labels = ("zoomed", "complementary", "d/d images", "d/d radius", "d/d radius_inv")
+    for impl in s3n.RESIZE_IMPLS:
+        for label, fast, slow in zip(labels, checked[impl], checked[impl + "_loop"]):
+            fast, slow = fast.asnumpy(), slow.asnumpy()
+            scale = max(1.0, float(np.abs(slow).max()))
+            diff = float(np.abs(fast - slow).max())
+            print("float64 check %-7s %-15s max|diff| %.3g (max|value| %.3g)" % (impl, label, diff, scale))
+            assert diff <= 1e-9 * scale, "vectorised (%s) and loop versions disagree on %s" % (impl, label)
 
 
 def main():
@@ -95,61 +243,57 @@ def main():
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--size", type=int, default=448)
     parser.add_argument("--classes", type=int, default=200)
+    parser.add_argument("--crm-size", type=int, default=14, help="side of the CAMs before the 31×31 resize")
+    parser.add_argument("--maps", choices=("blobs", "noise"), default="blobs")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--mode", type=int, default=0, choices=(0, 2))
+    parser.add_argument("--no-image-grad", action="store_true", help="no gradient to the images (as in training)")
+    parser.add_argument("--check", action="store_true", help="float64 check against the loop form first")
+    parser.add_argument("--upstream-script", help="timing script for upstream's PyTorch code (outside the repo)")
+    parser.add_argument("--upstream-python", default=sys.executable, help="python with torch for the script")
     args = parser.parse_args()
+    for name in ("batch", "size", "classes", "crm_size", "repeat"):
+        if getattr(args, name) < 1:
+            parser.error("--%s: expected a positive int, got %d" % (name.replace("_", "-"), getattr(args, name)))
+    if args.upstream_script and not os.path.isfile(args.upstream_script):
+        parser.error("--upstream-script: no such file: %s" % args.upstream_script)
 
-    rng = np.random.RandomState(0)
-    # smooth, natural-image-like inputs: low-resolution noise upsampled to the input size
-    images = nd.contrib.BilinearResize2D(nd.array(rng.rand(args.batch, 3, 56, 56)),
-                                         height=args.size, width=args.size)
-    # smooth, CAM-like maps: low-resolution noise upsampled to 31×31
-    coarse = nd.array(rng.randn(args.batch, args.classes, 7, 7))
-    maps = nd.contrib.BilinearResize2D(coarse, height=s3n.GRID_SIZE, width=s3n.GRID_SIZE)
-    weights = [nd.array(rng.randn(*images.shape)) for _ in range(2)]
-
-    # same numbers: checked in float64, where both are exact to rounding (in float32 the radius
-    # gradients, sums of many cancelling terms, carry ~1e-2 relative noise, more in the loop form)
-    checked = {}
-    for name, function in (("vectorised", s3n.generate_map), ("loop", loop_generate_map)):
-        radius, radius_inv = nd.array([0.09], dtype="float64"), nd.array([0.3], dtype="float64")
-        images64 = images.astype("float64")
-        for array in (images64, radius, radius_inv):
-            array.attach_grad()
-        checked[name] = run(function, images64, maps.astype("float64"), args.mode, radius, radius_inv,
-                            [w.astype("float64") for w in weights])
-    labels = ("zoomed", "complementary", "d/d images", "d/d radius", "d/d radius_inv")
-    for label, fast, slow in zip(labels, checked["vectorised"], checked["loop"]):
-        fast, slow = fast.asnumpy(), slow.asnumpy()
-        scale = max(1.0, float(np.abs(slow).max()))
-        diff = float(np.abs(fast - slow).max())
-        print("float64 check %-15s max|diff| %.3g (max|value| %.3g)" % (label, diff, scale))
-        assert diff <= 1e-9 * scale, "vectorised and loop versions disagree on %s" % label
-
-    radius, radius_inv = nd.array([0.09]), nd.array([0.3])
-    for array in (images, radius, radius_inv):
-        array.attach_grad()
+    arrays = make_inputs(args)
+    if args.check:
+        check_against_loop(args, arrays)
+    maps = crm_31(nd.array(arrays[1]), "matmul")
+    _, _, details = s3n.generate_map(nd.array(arrays[0]), maps, args.mode, 0.09, nd.array([0.09]),
+                                     nd.array([0.3]), return_details=True)
+    peaks = details["peaks"].sum(axis=1).asnumpy()
     results = {}
-    for name, function in (("vectorised", s3n.generate_map), ("loop", loop_generate_map)):
-        run(function, images, maps, args.mode, radius, radius_inv, weights)   # warm-up
-        train_times, forward_times = [], []
-        for _ in range(args.repeat):
-            start = time.time()
-            run(function, images, maps, args.mode, radius, radius_inv, weights)
-            train_times.append(time.time() - start)
-            start = time.time()
-            function(images, maps, args.mode, 0.09, radius, radius_inv)
-            nd.waitall()
-            forward_times.append(time.time() - start)
-        results[name] = (1000 * min(train_times), 1000 * min(forward_times))
+    if args.upstream_script:
+        results["upstream (PyTorch)"] = time_upstream(args, arrays)
+    for impl in reversed(s3n.RESIZE_IMPLS):
+        results["port, resize_impl=%s" % impl] = time_port(args, arrays, impl)
+    parts = time_parts(args, arrays)
 
-    print("generate_map p=%d, batch %d, input %d, %d classes, 31x31 maps, ms per batch (best of %d):"
-          % (args.mode, args.batch, args.size, args.classes, args.repeat))
-    print("  %-22s %12s %12s" % ("", "fwd+bwd", "forward"))
-    for name in ("vectorised", "loop"):
-        print("  %-22s %12.1f %12.1f" % (name, results[name][0], results[name][1]))
-    print("  %-22s %11.1fx %11.1fx" % ("ratio loop/vectorised", results["loop"][0] / results["vectorised"][0],
-                                         results["loop"][1] / results["vectorised"][1]))
+    print("generate_map p=%d, batch %d, input %d, %d classes, CAMs %d->31 (%s, %.1f peaks/sample), "
+          "image grad %s, s per batch (best of %d):"
+          % (args.mode, args.batch, args.size, args.classes, args.crm_size, args.maps, peaks.mean(),
+             "no" if args.no_image_grad else "yes", args.repeat))
+    reference = results["port, resize_impl=mxnet"]
+    print("  %-28s %9s %9s %12s %12s" % ("", "forward", "fwd+bwd", "fwd vs old", "f+b vs old"))
+    for name, (forward, train) in results.items():
+        print("  %-28s %9.3f %9.3f %11.2fx %11.2fx" % (name, forward, train, reference[0] / forward,
+                                                      reference[1] / train))
+    print("  breakdown, per map (the whole call does two):")
+    for name, (forward, train) in parts.items():
+        print("  %-28s %9.3f %9.3f" % (name, forward, train))
+    forward, train = results["port, resize_impl=matmul"]
+    rest = (forward - 2 * (parts["grid resize (matmul)"][0] + parts["BilinearSampler"][0]),
+            train - 2 * (parts["grid resize (matmul)"][1] + parts["BilinearSampler"][1]))
+    print("  %-28s %9.3f %9.3f" % ("rest of the call (whole)", rest[0], rest[1]))
+    if args.upstream_script:
+        upstream = results["upstream (PyTorch)"]
+        print("ratio upstream/port (default): forward %.2fx, fwd+bwd %.2fx" % (upstream[0] / forward,
+                                                                               upstream[1] / train))
+    print("forward_seconds=%.4f" % forward)
+    print("step_seconds=%.4f" % train)
 
 
 if __name__ == "__main__":

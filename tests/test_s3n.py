@@ -67,10 +67,50 @@ def test_find_peaks_plateau_and_empty():
 
 
 @pytest.mark.parametrize("case", golden_cases("s3n_create_grid_"))
-def test_create_grid_golden(case):
+@pytest.mark.parametrize("resize_impl", s3n.RESIZE_IMPLS)
+def test_create_grid_golden(case, resize_impl):
     data = load_golden(case)
-    grid = s3n.create_grid(nd.array(data["xs_hm"]), int(data["input_size"]))
+    grid = s3n.create_grid(nd.array(data["xs_hm"]), int(data["input_size"]), resize_impl=resize_impl)
     check(case, data, "grid", grid)
+
+
+@pytest.mark.parametrize("in_shape,out_size", [((3, 2, 31, 31), (448, 448)), ((2, 5, 14, 14), (31, 31)),
+                                               ((1, 2, 31, 31), (48, 40)), ((2, 1, 7, 5), (5, 9)),
+                                               ((1, 1, 1, 1), (3, 3)), ((1, 1, 4, 6), (1, 1))])
+def test_resize_align_corners_matches_bilinear_resize2d(in_shape, out_size):
+    """The matmul resize equals contrib.BilinearResize2D(align_corners) forward and backward, nd and sym."""
+    rng = np.random.RandomState(sum(in_shape) + sum(out_size))
+    height, width = out_size
+    x = nd.array(rng.randn(*in_shape))
+    head = nd.array(rng.randn(in_shape[0], in_shape[1], height, width))
+    results = []
+    for resize in (lambda v: s3n.resize_align_corners(nd, v, height, width),
+                   lambda v: nd.contrib.BilinearResize2D(v, height=height, width=width, align_corners=True)):
+        x.attach_grad()
+        with autograd.record():
+            out = resize(x)
+        out.backward(head)
+        results.append((out.asnumpy(), x.grad.asnumpy()))
+    (fast, fast_grad), (reference, reference_grad) = results
+    assert fast.shape == reference.shape == in_shape[:2] + out_size
+    np.testing.assert_allclose(fast, reference, rtol=1e-5, atol=2e-6)
+    np.testing.assert_allclose(fast_grad, reference_grad, rtol=1e-5, atol=2e-5 * np.abs(reference_grad).max())
+    # symbol graph: h and w unknown when the graph is built
+    symbolic = s3n.resize_align_corners(mx.sym, mx.sym.var("x"), height, width)
+    np.testing.assert_allclose(symbolic.eval(ctx=mx.cpu(), x=x)[0].asnumpy(), reference, rtol=1e-5, atol=2e-6)
+
+
+def test_resize_align_corners_float64_is_exact():
+    """float64: source positions i·(n−1)/(out−1) in float64 (BilinearResize2D uses float32 ones)."""
+    rng = np.random.RandomState(0)
+    x = rng.randn(1, 1, 31, 31)
+    out = s3n.resize_align_corners(nd, nd.array(x, dtype="float64"), 448, 448, "float64").asnumpy()[0, 0]
+
+    def matrix(n, size):
+        position = np.arange(size) * (n - 1.0) / (size - 1.0)
+        return np.maximum(0.0, 1.0 - np.abs(position[:, None] - np.arange(n)[None, :]))
+
+    np.testing.assert_allclose(out, matrix(31, 448).dot(x[0, 0]).dot(matrix(31, 448).T), rtol=1e-12, atol=1e-12)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -79,7 +119,8 @@ def test_create_grid_golden(case):
 
 @pytest.mark.parametrize("case", golden_cases("s3n_generate_map_"))
 @pytest.mark.parametrize("p", [0, 2])
-def test_generate_map_golden(case, p):
+@pytest.mark.parametrize("resize_impl", s3n.RESIZE_IMPLS)
+def test_generate_map_golden(case, p, resize_impl):
     data = load_golden(case)
     images = nd.array(data["input_x"])
     radius = nd.array(data["radius_scale"])
@@ -89,7 +130,7 @@ def test_generate_map_golden(case, p):
     with autograd.record():
         zoom, complement, details = s3n.generate_map(
             images, data["class_response_maps"], p, float(data["base_ratio"]), radius, radius_inv,
-            return_details=True)
+            return_details=True, resize_impl=resize_impl)
         objective = (nd.sum(zoom * nd.array(data["grad_weight_zoom_p%d" % p]))
                      + nd.sum(complement * nd.array(data["grad_weight_inv_p%d" % p])))
     objective.backward()
@@ -208,6 +249,34 @@ def test_generate_map_gradients_finite_differences(p):
     np.testing.assert_allclose(images.grad.asnumpy().ravel()[picked], numeric[picked], rtol=1e-5, atol=1e-8)
 
 
+@pytest.mark.parametrize("p", [0, 2])
+def test_generate_map_resize_impls_agree_float32(p):
+    """Both resize paths: same images and same gradients (images, radius, radius_inv, filter)."""
+    rng = np.random.RandomState(7)
+    data = load_golden("s3n_generate_map_public_03.npz")
+    maps = nd.array(data["class_response_maps"][:2])
+    weights = [nd.array(rng.randn(2, 3, 40, 40)) for _ in range(2)]
+    results = {}
+    for impl in s3n.RESIZE_IMPLS:
+        images = nd.array(rng.rand(2, 3, 40, 40)) if not results else results["images"]
+        inputs = dict(images=images.copy(), radius=nd.array([0.09]), radius_inv=nd.array([0.3]),
+                      filter=s3n._default_filter(mx.cpu(), "float32"))
+        for array in inputs.values():
+            array.attach_grad()
+        with autograd.record():
+            zoom, comp = s3n.generate_map(inputs["images"], maps, p, 0.09, inputs["radius"],
+                                          inputs["radius_inv"], inputs["filter"], resize_impl=impl)
+            objective = nd.sum(zoom * weights[0]) + nd.sum(comp * weights[1])
+        objective.backward()
+        results.setdefault("images", images)
+        results[impl] = dict([("zoom", zoom), ("comp", comp)]
+                             + [("d " + name, array.grad) for name, array in inputs.items()])
+    for name, reference in results["mxnet"].items():
+        reference, fast = reference.asnumpy(), results["matmul"][name].asnumpy()
+        assert np.abs(reference).max() > 0, name
+        np.testing.assert_allclose(fast, reference, rtol=1e-4, atol=1e-4 * np.abs(reference).max(), err_msg=name)
+
+
 def test_generate_map_parameters_and_second_device():
     """radius/radius_inv/filter as gluon Parameters on two devices; same numbers on cpu(1)."""
     data = load_golden("s3n_generate_map_public_02.npz")
@@ -236,6 +305,13 @@ def test_generate_map_bad_input():
         s3n.generate_map(images, nd.zeros((2, 4, 14, 14)), 0, 0.09, nd.array([0.09]), nd.array([0.3]))
     with pytest.raises(ValueError, match="saliency_padded"):
         s3n.create_grid(nd.zeros((1, 1, 31, 31)), 16)
+    with pytest.raises(ValueError, match="generate_map resize_impl: expected one of matmul, mxnet"):
+        s3n.generate_map(images, nd.zeros((2, 4, 31, 31)), 0, 0.09, nd.array([0.09]), nd.array([0.3]),
+                         resize_impl="torch")
+    with pytest.raises(ValueError, match="create_grid resize_impl"):
+        s3n.create_grid(nd.zeros((1, 1, 91, 91)), 16, resize_impl=None)
+    with pytest.raises(ValueError, match="S3N resize_impl"):
+        s3n.S3N(5, backbone=nn.HybridSequential(), num_features=8, resize_impl="fast")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -279,12 +355,13 @@ def test_multi_smooth_loss_bad_weight_key():
 FORWARD_CASE = "s3n_forward_public_01.npz"
 
 
-def _stand_in_network(data):
+def _stand_in_network(data, resize_impl="matmul"):
     """The golden case's model: features = AvgPool(4) + Conv1×1(3→2048), identity buffers."""
     features = nn.HybridSequential(prefix="standin_")
     with features.name_scope():
         features.add(nn.AvgPool2D(4), nn.Conv2D(2048, 1, in_channels=3))
-    net = s3n.S3N(5, backbone=features, num_features=2048, image_size=int(data["input_x"].shape[-1]))
+    net = s3n.S3N(5, backbone=features, num_features=2048, image_size=int(data["input_x"].shape[-1]),
+                  resize_impl=resize_impl)
     net.initialize()
     features[1].weight.set_data(nd.array(data["features_conv_weight"]))
     features[1].bias.set_data(nd.array(data["features_conv_bias"]))
@@ -302,10 +379,10 @@ def _stand_in_network(data):
     return net
 
 
-@pytest.mark.parametrize("hybridize", [False, True])
-def test_forward_golden_stand_in_backbone(hybridize):
+@pytest.mark.parametrize("hybridize,resize_impl", [(False, "matmul"), (True, "matmul"), (True, "mxnet")])
+def test_forward_golden_stand_in_backbone(hybridize, resize_impl):
     data = load_golden(FORWARD_CASE)
-    net = _stand_in_network(data)
+    net = _stand_in_network(data, resize_impl)
     if hybridize:
         net.hybridize()
     images = nd.array(data["input_x"])
