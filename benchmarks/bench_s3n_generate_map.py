@@ -5,7 +5,7 @@ response maps (``--maps blobs``: two Gaussian blobs per class plus a little nois
 1-4 peaks per sample; ``noise``: white noise, ~30 peaks per sample), resized to 31×31
 (align_corners, no gradient) inside the timed region, as S3N's forward does.
 
-Timed, best of ``--repeat``: forward (outside autograd) and forward+backward (under record,
+Timed, best of ``--rounds`` interleaved rounds of ``--repeat`` calls: forward (outside autograd) and forward+backward (under record,
 backward of a random linear objective of both sampled images to radius, radius_inv, the 61×61
 filter and, unless ``--no-image-grad``, the images), for every ``resize_impl`` of
 :data:`fgvc_gluon.s3n.RESIZE_IMPLS` ('matmul' is the default, 'mxnet' the former path), in one run.
@@ -18,7 +18,7 @@ repository) with ``--upstream-python`` on the same data; it gets
 per-peak loop form below in float64 (to rounding) before timing.
 
 Usage: python benchmarks/bench_s3n_generate_map.py [--batch 16] [--size 448] [--classes 200]
-       [--crm-size 14] [--maps blobs] [--repeat 3] [--mode 0] [--no-image-grad] [--check]
+       [--crm-size 14] [--maps blobs] [--repeat 3] [--rounds 2] [--mode 0] [--no-image-grad] [--check]
        [--upstream-script S --upstream-python P]
 Last line: ``step_seconds=<forward+backward of the default path>``.
 """
@@ -245,14 +245,15 @@ def main():
     parser.add_argument("--classes", type=int, default=200)
     parser.add_argument("--crm-size", type=int, default=14, help="side of the CAMs before the 31×31 resize")
     parser.add_argument("--maps", choices=("blobs", "noise"), default="blobs")
-    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--repeat", type=int, default=3, help="timed calls per variant and round")
+    parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds over the variants")
     parser.add_argument("--mode", type=int, default=0, choices=(0, 2))
     parser.add_argument("--no-image-grad", action="store_true", help="no gradient to the images (as in training)")
     parser.add_argument("--check", action="store_true", help="float64 check against the loop form first")
     parser.add_argument("--upstream-script", help="timing script for upstream's PyTorch code (outside the repo)")
     parser.add_argument("--upstream-python", default=sys.executable, help="python with torch for the script")
     args = parser.parse_args()
-    for name in ("batch", "size", "classes", "crm_size", "repeat"):
+    for name in ("batch", "size", "classes", "crm_size", "repeat", "rounds"):
         if getattr(args, name) < 1:
             parser.error("--%s: expected a positive int, got %d" % (name.replace("_", "-"), getattr(args, name)))
     if args.upstream_script and not os.path.isfile(args.upstream_script):
@@ -266,16 +267,22 @@ def main():
                                      nd.array([0.3]), return_details=True)
     peaks = details["peaks"].sum(axis=1).asnumpy()
     results = {}
-    if args.upstream_script:
-        results["upstream (PyTorch)"] = time_upstream(args, arrays)
-    for impl in reversed(s3n.RESIZE_IMPLS):
-        results["port, resize_impl=%s" % impl] = time_port(args, arrays, impl)
+
+    def keep_best(name, times):
+        results[name] = tuple(min(pair) for pair in zip(results.get(name, times), times))
+
+    # rounds interleave the variants so that a change of load on a shared machine hits all of them
+    for _ in range(args.rounds):
+        if args.upstream_script:
+            keep_best("upstream (PyTorch)", time_upstream(args, arrays))
+        for impl in reversed(s3n.RESIZE_IMPLS):
+            keep_best("port, resize_impl=%s" % impl, time_port(args, arrays, impl))
     parts = time_parts(args, arrays)
 
     print("generate_map p=%d, batch %d, input %d, %d classes, CAMs %d->31 (%s, %.1f peaks/sample), "
-          "image grad %s, s per batch (best of %d):"
+          "image grad %s, s per batch (best of %d×%d):"
           % (args.mode, args.batch, args.size, args.classes, args.crm_size, args.maps, peaks.mean(),
-             "no" if args.no_image_grad else "yes", args.repeat))
+             "no" if args.no_image_grad else "yes", args.rounds, args.repeat))
     reference = results["port, resize_impl=mxnet"]
     print("  %-28s %9s %9s %12s %12s" % ("", "forward", "fwd+bwd", "fwd vs old", "f+b vs old"))
     for name, (forward, train) in results.items():
