@@ -47,9 +47,14 @@ def runs(tmp_path_factory, fashion_mnist_dir):
         return made[method]
     return get
 
+_TASKS = {}
+
+
 def checkpoint_predictions(run, batch, branch=None):
     """The checkpoint's predictions of ``batch`` (N×3×S×S), as --predict computes them."""
-    task, _, _, epoch, _ = export.load_task(run)
+    if run not in _TASKS:
+        _TASKS[run] = export.load_task(run)
+    task, _, _, epoch, _ = _TASKS[run]
     mx.random.seed(11)  # S3N's evaluation mode of early epochs draws random numbers
     outputs = task.predict(mx.nd.array(batch), epoch)
     return (outputs[branch] if branch else next(iter(outputs.values()))).asnumpy()
