@@ -33,6 +33,11 @@ setup(
         "gpu": ["mxnet-cu112==1.9.1"],
         # scikit-learn is a test-only cross-check of our own AP code; 1.3.2 is the
         # version the golden cases were computed with.
-        "test": ["pytest", "scikit-learn==1.3.2"],
+        # python -m training_runtime.export --format onnx: mx.onnx (MXNet 1.9.1) needs onnx;
+        # 1.14.1: Python 3.11 wheels and still onnx.mapping, which mx.onnx uses (see export.py)
+        "export": ["onnx==1.14.1"],
+        # onnxruntime runs the exported models in tests/test_export.py; 1.18.1 is the first
+        # Python 3.11 release that accepts numpy 1.23 (1.15-1.17 require numpy >= 1.24.2)
+        "test": ["pytest", "scikit-learn==1.3.2", "onnx==1.14.1", "onnxruntime==1.18.1"],
     },
 )

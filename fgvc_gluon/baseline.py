@@ -32,7 +32,7 @@ from training_runtime.images import IMAGENET_MEAN, IMAGENET_STD
 from .data import s3n_test_resize
 from .losses import SMOOTH_RATIO, smooth_loss, smooth_ratio_knob
 from .registry import register_method
-from .task import FGVCTask, ParamGroup, check_int, check_num_classes, optimisation_defaults
+from .task import FGVCTask, InferenceBranch, ParamGroup, check_int, check_num_classes, optimisation_defaults
 from .zoo import (BACKBONES, NEW_LAYER_INIT, check_backbone, classifier_network,
                   initialize_new_layers, model_zoo_network)
 
@@ -80,6 +80,9 @@ class BaselineMethod(FGVCTask):
 
     def predict(self, data, epoch):
         return OrderedDict([("classifier", self.net(data))])
+
+    def inference_block(self, epoch):
+        return InferenceBranch(lambda F, x, net: net(x), self.net, prefix="exported_")
 
 
 def build_method(num_classes, backbone=RECIPE["backbone"], image_size=RECIPE["image_size"],

@@ -52,7 +52,7 @@ from training_runtime.images import IMAGENET_MEAN, IMAGENET_STD
 from training_runtime.registry import Knob
 
 from .registry import register_method
-from .task import FGVCTask, ParamGroup, check_int, check_num_classes, optimisation_defaults
+from .task import FGVCTask, InferenceBranch, ParamGroup, check_int, check_num_classes, optimisation_defaults
 from .zoo import BACKBONES as ZOO_BACKBONES
 from .zoo import check_backbone, initialize_new_layers, model_zoo_network
 
@@ -191,6 +191,9 @@ class CenterLossMethod(FGVCTask):
 
     def predict(self, data, epoch):
         return OrderedDict([("classifier", self.net(data)[1])])
+
+    def inference_block(self, epoch):
+        return InferenceBranch(lambda F, x, net: net(x)[1], self.net, prefix="exported_")
 
 
 def build_method(num_classes, backbone=RECIPE["backbone"], feat_dim=None, loss_weight=1.0, center_lr=0.5,

@@ -72,7 +72,7 @@ from mxnet.gluon.model_zoo.vision.resnet import BasicBlockV1
 from training_runtime.registry import Knob
 
 from .registry import register_method
-from .task import FGVCTask, ParamGroup, check_int, check_num_classes, optimisation_defaults
+from .task import FGVCTask, InferenceBranch, ParamGroup, check_int, check_num_classes, optimisation_defaults
 
 BACKBONES = ("vgg16_bn_mc", "resnet18_mc")
 #: upstream settings (PRIS-CV/Mutual-Channel-Loss, CUB) as run-definition fields
@@ -367,6 +367,11 @@ class MCLossMethod(FGVCTask):
 
     def predict(self, data, epoch):
         return OrderedDict([("classifier", self.net(data))])
+
+    def inference_block(self, epoch):
+        """The evaluation path of MCNetwork (logits only) as one HybridBlock."""
+        return InferenceBranch(lambda F, x, features, classifier: classifier(features(x)),
+                               self.net.features, self.net.classifier, prefix="exported_")
 
 
 def build_method(num_classes, backbone=RECIPE["backbone"], xi=3, alpha=1.5, beta=20.0,

@@ -58,7 +58,7 @@ from training_runtime.registry import Knob
 from .data import s3n_test_resize
 from .losses import SMOOTH_RATIO, multi_smooth_loss, smooth_loss, smooth_ratio_knob
 from .registry import register_method
-from .task import FGVCTask, ParamGroup, check_int, check_num_classes, optimisation_defaults
+from .task import FGVCTask, InferenceBranch, ParamGroup, check_int, check_num_classes, optimisation_defaults
 from .zoo import RESNET_BACKBONES, check_backbone, model_zoo_network
 
 GRID_SIZE = 31            # side of the class response maps and saliency maps (S3N-10)
@@ -646,6 +646,26 @@ class S3N(gluon.HybridBlock):
         return groups
 
 
+class RawBranch(gluon.HybridBlock):
+    """S3N's raw branch alone: N×3×S×S -> N×K logits (``net(x, p)[1]``, the same for every p)."""
+
+    def __init__(self, net):
+        # net's parameter dict is shared: the raw classifier's Parameters are net's own
+        super(RawBranch, self).__init__(prefix=net.prefix, params=net.params)
+        self._num_classes = net.num_classes
+        with self.name_scope():
+            self.raw_classifier_weight = self.params.get("raw_classifier_weight",
+                                                         shape=net.raw_classifier_weight.shape)
+            self.raw_classifier_bias = self.params.get("raw_classifier_bias",
+                                                       shape=net.raw_classifier_bias.shape)
+        self.features = net.features
+
+    def hybrid_forward(self, F, x, raw_classifier_weight, raw_classifier_bias):
+        pooled = F.mean(self.features(x), axis=(2, 3))
+        return F.FullyConnected(pooled, raw_classifier_weight, raw_classifier_bias,
+                                num_hidden=self._num_classes)
+
+
 # ----------------------------------------------------------------------------------------------
 # Method adapter
 # ----------------------------------------------------------------------------------------------
@@ -700,6 +720,21 @@ class S3NMethod(FGVCTask):
     def predict(self, data, epoch):
         outputs = self.net(data, evaluation_mode(epoch))
         return OrderedDict(zip(self.BRANCHES, outputs))
+
+    def inference_block(self, epoch):
+        """N×3×S×S -> the concat logits N×K at ``evaluation_mode(epoch)`` (the mode a
+        constant of the graph; mode 1, epochs <= 20, draws random numbers as predict does)."""
+        mode = float(evaluation_mode(epoch))
+
+        def concat(F, x, net):
+            first = F.slice_axis(F.reshape(x, (-1,)), axis=0, begin=0, end=1)  # (1,)
+            return net(x, F.ones_like(first) * mode)[0]
+        return InferenceBranch(concat, self.net, prefix="exported_")
+
+    def inference_subnetwork(self, epoch):
+        return ("raw", RawBranch(self.net),
+                "the raw branch only (backbone, global average pool, raw classifier): N×K logits "
+                "of predict's 'raw' output; the sampler, zoom and complementary branches are missing")
 
 
 def build_method(num_classes, backbone=RECIPE["backbone"], pretrained=False, image_size=RECIPE["image_size"],

@@ -108,6 +108,32 @@ def print_test(accuracies, num_images, what=None, out=sys.stdout):
             print("  %-14s top-1 %.4f" % (branch, value), file=out)
 
 
+class InferenceBranch(gluon.HybridBlock):
+    """Export helper: x N×3×S×S -> ``fn(F, x, *parts)`` N×K, the ``parts`` (the task's
+    own, loaded blocks) registered as children so that ``export`` saves their parameters."""
+
+    def __init__(self, fn, *parts, **kwargs):
+        super(InferenceBranch, self).__init__(**kwargs)
+        self._fn = fn
+        self._parts = parts
+        for i, part in enumerate(parts):
+            self.register_child(part, "part%d" % i)
+
+    def hybrid_forward(self, F, x):
+        return self._fn(F, x, *self._parts)
+
+
+def eval_resize_text(defaults):
+    """The evaluation resize of :func:`fgvc_gluon.data.make_transform`, in words."""
+    size, resize = int(defaults["image_size"]), defaults.get("resize")
+    if resize is None:
+        return "resize to %d×%d (aspect ratio not kept, bilinear)" % (size, size)
+    if np.isscalar(resize):
+        return "resize the short side to %d (bilinear), then the center %d×%d crop" % (int(resize), size, size)
+    return "resize to %d×%d (width×height, bilinear), then the center %d×%d crop" % (
+        int(resize[0]), int(resize[1]), size, size)
+
+
 class FGVCTask(TrainingTask):
     """Base class: a classification network plus how it is trained and evaluated.
 
@@ -165,6 +191,28 @@ class FGVCTask(TrainingTask):
         accuracies, count = top1_accuracies(self, batches, epoch)
         print_test(accuracies, count, out=out)
         return dict(accuracy_metrics(accuracies), images=count)
+
+    def inference_block(self, epoch):
+        """N×3×S×S normalised images -> N×K logits of the main branch (``predict``'s first
+        entry); subclasses return ``InferenceBranch(fn, *blocks)``."""
+        return None
+
+    def export_info(self):
+        """Sidecar: the evaluation transform of ``defaults`` and the main branch's logits."""
+        d = self.defaults
+        return {"input": {"size": int(d["image_size"]), "channel_order": "RGB", "layout": "NCHW",
+                          "dtype": "float32", "resize": eval_resize_text(d),
+                          "normalization": {"scale": 1.0 / 255, "mean": list(d.get("mean")),
+                                            "std": list(d.get("std")),
+                                            "formula": "x = (pixel / 255 - mean) / std"}},
+                "output": {"name": next(iter(self.output_names())), "activation": "logits (no softmax)",
+                           "meaning": "per class, the logit of the main branch; softmax gives the "
+                                      "class probabilities, argmax the predicted class; labels = "
+                                      "class names"}}
+
+    def output_names(self):
+        """The branch names of ``predict`` (main first)."""
+        return getattr(self, "BRANCHES", ("classifier",))
 
     # ---- helpers -----------------------------------------------------------------------
     @staticmethod

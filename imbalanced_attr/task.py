@@ -24,13 +24,15 @@ import os
 import sys
 
 import numpy as np
+from mxnet.gluon import HybridBlock
 
+from training_runtime.images import IMAGENET_MEAN, IMAGENET_STD
 from training_runtime.registry import Knob, MethodEntry
 from training_runtime.task import ParamGroup, TrainingTask
 
 from . import losses
 from .backbones import BACKBONES
-from .data import WIDER_ATTRIBUTES, make_transform, training_targets
+from .data import ORIGINAL_MEAN, WIDER_ATTRIBUTES, make_transform, training_targets
 from .metrics import attribute_metrics, average_precision, test_map
 from .model import AttributeModel, aggregate_prediction
 from .params_io import load_original_params
@@ -63,6 +65,33 @@ def test_report(names, labels, probs, out=sys.stdout):
     print("mA %.4f  accuracy %.4f  precision %.4f  recall %.4f  F1 %.4f" % (
         extras["mA"], extras["accuracy"], extras["precision"], extras["recall"], extras["f1"]), file=out)
     return dict(extras, mAP=mean_ap, APs=aps.tolist(), positive_rates=rates.tolist())
+
+
+class AggregatedPrediction(HybridBlock):
+    """The model as ``predict`` applies it: N×3×S×S -> σ(0.25·(s₂+s₃+s₄+logits)), N×C."""
+
+    def __init__(self, net, **kwargs):
+        super(AggregatedPrediction, self).__init__(**kwargs)
+        self.net = net
+
+    def hybrid_forward(self, F, x):
+        logits, scores = self.net(x)
+        return aggregate_prediction(logits, scores, F)
+
+
+def normalisation_info(normalize, input_size):
+    """The sidecar's description of :func:`make_transform`'s evaluation path."""
+    resize = int(round(256 * input_size / 224.0))
+    if normalize == "original":
+        norm = {"scale": 1.0, "mean": list(ORIGINAL_MEAN), "std": [1.0, 1.0, 1.0],
+                "formula": "x = pixel - mean (pixels on 0-255, no std: the original's ImageRecordIter)"}
+    else:
+        norm = {"scale": 1.0 / 255, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
+                "formula": "x = (pixel / 255 - mean) / std"}
+    return {"size": input_size, "channel_order": "RGB", "layout": "NCHW", "dtype": "float32",
+            "resize": "resize to %d×%d (aspect ratio not kept, area interpolation), then the "
+                      "center %d×%d crop" % (resize, resize, input_size, input_size),
+            "normalization": dict(norm, name=normalize)}
 
 
 class AttributeTask(TrainingTask):
@@ -156,6 +185,16 @@ class AttributeTask(TrainingTask):
     def predict(self, data, epoch):
         logits, scores = self.net(data)
         return collections.OrderedDict([("probabilities", aggregate_prediction(logits, scores))])
+
+    def inference_block(self, epoch):
+        """N×3×S×S normalised images -> N×C probabilities (``predict``'s aggregated prediction)."""
+        return AggregatedPrediction(self.net, prefix="exported_")
+
+    def export_info(self):
+        return {"input": normalisation_info(self.normalize, self.image_size),
+                "output": {"name": "probabilities", "activation": "sigmoid (applied)",
+                           "meaning": "per attribute, the probability that the person has it: "
+                                      "sigmoid(0.25 (s2 + s3 + s4 + logits)); labels = attribute names"}}
 
     def _labels_and_probs(self, batches, epoch):
         labels, probs = [], []

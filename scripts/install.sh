@@ -2,14 +2,14 @@
 # Set up a fresh machine: the Fashion-MNIST demo data (Debian package), a
 # virtualenv in .venv and this project with the CPU build of MXNet.
 #   bash scripts/install.sh          # runtime only
-#   bash scripts/install.sh --test   # plus the test dependencies
+#   bash scripts/install.sh --test   # plus the test dependencies (pytest, onnxruntime, ...)
 # Environment: PYTHON (default python3), VENV (default .venv),
 #              MXNET_EXTRA (default cpu; gpu installs mxnet-cu112).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 VENV=${VENV:-.venv}
-EXTRAS=${MXNET_EXTRA:-cpu}
+EXTRAS=${MXNET_EXTRA:-cpu},export   # export: onnx, for python -m training_runtime.export
 [ "${1:-}" = "--test" ] && EXTRAS="$EXTRAS,test"
 
 FMNIST=/usr/share/datasets/fashion-mnist

@@ -32,7 +32,9 @@ What the runtime calls, in order:
    (numpy arrays and plain numbers);
 9. inference: ``predict(data, epoch)`` -> ordered dict output name -> N×K
    (first entry the main prediction), and ``test_report(batches, epoch, out)``
-   -> JSON-able dict of the final test, printed to ``out``.
+   -> JSON-able dict of the final test, printed to ``out``;
+10. export (``python -m training_runtime.export``): ``inference_block(epoch)``,
+    ``inference_subnetwork(epoch)`` and ``export_info()``.
 """
 import collections
 import sys
@@ -118,6 +120,25 @@ class TrainingTask(object):
         """Load another program's weight files from ``path`` (e.g. the original
         attribute code's .params files); False when the task cannot."""
         return False
+
+    def inference_block(self, epoch):
+        """Export hook: a HybridBlock mapping a normalised image batch N×3×S×S (what
+        ``transform(False)`` makes) to the main output of :meth:`predict` at ``epoch``
+        (N×K, the same numbers), built from the task's own (loaded) blocks; None when
+        the task cannot be exported (``python -m training_runtime.export``)."""
+        return None
+
+    def inference_subnetwork(self, epoch):
+        """Export hook for ONNX: (name, HybridBlock N×3×S×S -> N×K, one-line description)
+        of a part of :meth:`inference_block` that ONNX can hold when the whole cannot;
+        None when there is none."""
+        return None
+
+    def export_info(self):
+        """Export hook: JSON-able dict for the exported model's sidecar: ``input``
+        (size, channel_order, resize, normalisation with mean/std/scale and its formula)
+        and ``output`` (name, activation: 'sigmoid' applied / 'logits', meaning)."""
+        return {}
 
     def hybridize(self):
         """Hybridize the task's networks (after any BatchNorm change, before the first

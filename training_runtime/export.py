@@ -1,0 +1,242 @@
+"""Export a trained model for use without this package (and without MXNet).
+
+    python -m training_runtime.export RUN --format mxnet|onnx --output PATH
+
+RUN is a run directory (its best, else last checkpoint) or a checkpoint file.
+The task is rebuilt from the checkpoint's run definition exactly as ``--test``
+and ``--predict`` do (:mod:`training_runtime.app`), on the CPU, and its
+inference network is taken from the task contract
+(``TrainingTask.inference_block(epoch)``: a HybridBlock mapping a normalised
+N×3×S×S float32 batch to the main output of ``predict``, N×K).
+
+- ``--format mxnet``: ``PATH-symbol.json`` + ``PATH-0000.params``
+  (``HybridBlock.export``; load with ``mx.gluon.SymbolBlock.imports``);
+- ``--format onnx``: ``PATH.onnx`` through ``mx.onnx.export_model`` (opset
+  13, dynamic batch). When the converter has no translation for an operator
+  of the graph, the error names every such operator; the task's
+  ``inference_subnetwork`` (if any) is exported instead as ``PATH-<name>.onnx``
+  and the sidecar records what is missing.
+
+Either way ``PATH.json`` (the sidecar) documents the preprocessing and the
+output: input size, layout NCHW, channel order, resize, mean/std (or the
+original's 0-255 minus (104, 117, 123)), output name, activation and labels
+(attribute or class names), the checkpoint and epoch it came from.
+
+The runtime stays model-agnostic: it only calls the contract's hooks.
+"""
+import argparse
+import json
+import os
+import sys
+
+import mxnet as mx
+import numpy as np
+
+from . import app, checkpoint, cli, registry
+from .errors import UserError, writing
+
+#: the ONNX opset written: the highest mx.onnx (MXNet 1.9.1) has translations for
+ONNX_OPSET = 13
+SIDECAR_FORMAT = "training_runtime-export-1"
+
+
+class ExportError(UserError):
+    """The model cannot be exported in the asked format (the message says why)."""
+
+
+def _family_of(path, flag):
+    record = checkpoint.read(path, flag)[0]
+    script = record["meta"].get("script")
+    for family in registry.families().values():
+        if family.script == script:
+            return family
+    raise UserError("%s: %s is a checkpoint of %r, which no installed task family trains"
+                    % (flag, path, script))
+
+
+def load_task(run, flag="RUN"):
+    """(task, config, label names, epoch, checkpoint path) of ``run`` on cpu(0)."""
+    path = checkpoint.run_checkpoint(run)
+    if path is None:
+        if os.path.isdir(run):
+            raise UserError("%s: %s holds neither %s nor %s (is it a run directory?)"
+                            % (flag, run, checkpoint.BEST, checkpoint.LAST))
+        raise UserError("%s: %s not found (expected a run directory or a .ckpt file)" % (flag, run))
+    family = _family_of(path, flag)
+    args = argparse.Namespace(test=path, weights=None)
+    return app._inference_task(family, args, {"gpus": "", "cpus": 1}, flag, "test")
+
+
+def inference_network(task, epoch):
+    """The task's inference HybridBlock, hybridized; ExportError when it has none."""
+    block = task.inference_block(epoch)
+    if block is None:
+        raise ExportError("RUN: the task %s has no inference_block (it cannot be exported)"
+                          % type(task).__name__)
+    block.hybridize()
+    return block
+
+
+def unsupported_operators(symbol, opset=ONNX_OPSET):
+    """Sorted names of the operators of ``symbol`` that mx.onnx cannot translate."""
+    from mxnet.onnx import get_operator_support
+    supported = set(get_operator_support(opset))
+    ops = set(node["op"] for node in json.loads(symbol.tojson())["nodes"] if node["op"] != "null")
+    return sorted(ops - supported)
+
+
+def export_mxnet(block, size, prefix):
+    """``prefix``-symbol.json and ``prefix``-0000.params of ``block`` (one forward on a
+    1×3×size×size zero batch builds the graph); returns the two paths."""
+    block(mx.nd.zeros((1, 3, size, size)))
+    with writing(prefix + "-symbol.json"):
+        block.export(prefix, epoch=0)
+    return prefix + "-symbol.json", prefix + "-0000.params"
+
+
+def _strip_initializer_inputs(path):
+    """Parameters out of the graph inputs (one input left: the images), opset 13."""
+    import onnx
+    model = onnx.load(path)
+    weights = set(init.name for init in model.graph.initializer)
+    inputs = [i for i in model.graph.input if i.name not in weights]
+    del model.graph.input[:]
+    model.graph.input.extend(inputs)
+    del model.opset_import[:]
+    model.opset_import.extend([onnx.helper.make_opsetid("", ONNX_OPSET)])
+    onnx.checker.check_model(model)
+    onnx.save(model, path)
+
+
+class _checked_at_opset(object):
+    """mx.onnx translates to opset 13 (its newest translations) but validates the graph
+    against the onnx package's newest opset, where e.g. ReduceMean's ``axes`` attribute
+    became an input (opset 18): the converter's check runs at ``opset`` while inside."""
+
+    def __init__(self, opset):
+        self.opset = opset
+
+    def __enter__(self):
+        import onnx.checker
+        self.context = onnx.checker.DEFAULT_CONTEXT
+        self.saved = dict(self.context.opset_imports)
+        self.context.opset_imports = {"": self.opset}
+
+    def __exit__(self, *exc):
+        self.context.opset_imports = self.saved
+
+
+def export_onnx(block, size, path):
+    """``path`` (ONNX) of ``block``; ExportError naming the operators mx.onnx cannot
+    translate (or the converter's own error)."""
+    try:
+        import onnx  # noqa: F401  (mx.onnx needs it)
+    except ImportError:
+        raise ExportError("--format onnx: the onnx package is not installed "
+                          "(pip install -e '.[export]' or bash scripts/install.sh)")
+    base = os.path.splitext(path)[0] + ".tmp-mxnet"
+    symbol_file, params_file = export_mxnet(block, size, base)
+    try:
+        symbol = mx.sym.load(symbol_file)
+        missing = unsupported_operators(symbol)
+        if missing:
+            raise ExportError("--format onnx: mx.onnx (MXNet %s) has no ONNX translation for the "
+                              "operator%s %s" % (mx.__version__, "s" if len(missing) > 1 else "",
+                                                 ", ".join(missing)), )
+        loaded = mx.nd.load(params_file)
+        params = {k.split(":", 1)[1]: v for k, v in loaded.items()}
+        try:
+            with writing(path), _checked_at_opset(ONNX_OPSET):
+                mx.onnx.export_model(symbol, params, [(1, 3, size, size)], np.float32, path,
+                                     dynamic=True, dynamic_input_shapes=[(None, 3, size, size)])
+                _strip_initializer_inputs(path)
+        except ExportError:
+            raise
+        except Exception as err:  # the converter's own error: name it
+            raise ExportError("--format onnx: mx.onnx failed: %s: %s"
+                              % (type(err).__name__, str(err).splitlines()[0] if str(err) else ""))
+    finally:
+        for name in (symbol_file, params_file):
+            if os.path.exists(name):
+                os.remove(name)
+    return path
+
+
+def sidecar(task, config, names, epoch, source, fmt, files):
+    """The JSON-able sidecar: preprocessing, output and provenance."""
+    info = dict(task.export_info())
+    output = dict(info.pop("output", {}), labels=list(names), shape=["N", len(names)])
+    inputs = dict(info.pop("input", {}))
+    size = inputs.get("size", config.model.image_size)
+    inputs.update(shape=["N", 3, size, size], name="data")
+    return dict(info, format=SIDECAR_FORMAT, model_format=fmt, files=files, input=inputs,
+                output=output, source={"checkpoint": os.path.abspath(source), "epoch": epoch,
+                                       "method": config.model.method,
+                                       "backbone": config.model.backbone,
+                                       "dataset": config.data.dataset})
+
+
+def export(run, fmt, output, out=None):
+    """Export ``run`` in ``fmt`` ('mxnet' or 'onnx') to ``output`` (a path prefix);
+    returns the sidecar dict (also written to ``output``.json)."""
+    out = sys.stdout if out is None else out
+    if fmt not in ("mxnet", "onnx"):
+        raise UserError("--format: expected mxnet or onnx, got %r" % (fmt,))
+    prefix = output[:-len(".onnx")] if output.endswith(".onnx") else output
+    directory = os.path.dirname(os.path.abspath(prefix))
+    if not os.path.isdir(directory):
+        raise UserError("--output: directory %s does not exist" % directory)
+    task, config, names, epoch, source = load_task(run)
+    block = inference_network(task, epoch)
+    size = int(task.export_info().get("input", {}).get("size", config.model.image_size))
+    onnx_info = None
+    if fmt == "mxnet":
+        files = [os.path.basename(f) for f in export_mxnet(block, size, prefix)]
+    else:
+        try:
+            files = [os.path.basename(export_onnx(block, size, prefix + ".onnx"))]
+            onnx_info = {"complete": True, "opset": ONNX_OPSET}
+        except ExportError as err:
+            part = task.inference_subnetwork(epoch)
+            if part is None:
+                raise
+            name, sub, description = part
+            sub.hybridize()
+            sub_path = export_onnx(sub, size, "%s-%s.onnx" % (prefix, name))
+            files = [os.path.basename(sub_path)]
+            onnx_info = {"complete": False, "opset": ONNX_OPSET, "error": str(err),
+                         "exported": name, "exported_meaning": description}
+            print("warning: %s; exported %s instead: %s" % (err, sub_path, description), file=out)
+    info = sidecar(task, config, names, epoch, source, fmt, files)
+    if onnx_info is not None:
+        info["onnx"] = onnx_info
+        if not onnx_info["complete"]:
+            info["output"] = dict(info["output"], name=onnx_info["exported"],
+                                  meaning=onnx_info["exported_meaning"])
+    app.write_json(prefix + ".json", info)
+    print("exported %s (%s after epoch %d) as %s: %s, sidecar %s"
+          % (source, config.model.method, epoch, fmt, ", ".join(files), prefix + ".json"), file=out)
+    return info
+
+
+def build_parser():
+    parser = cli.make_parser(__doc__.strip().split("\n\n")[0],
+                             epilog="\n\n".join(__doc__.strip().split("\n\n")[1:]),
+                             prog="python -m training_runtime.export")
+    parser.add_argument("run", metavar="RUN", help="run directory or checkpoint (.ckpt)")
+    parser.add_argument("--format", choices=("mxnet", "onnx"), default="mxnet",
+                        help="mxnet: symbol + params; onnx: one .onnx file (default mxnet)")
+    parser.add_argument("--output", required=True, metavar="PATH",
+                        help="path prefix of the exported files (PATH-symbol.json, PATH-0000.params "
+                             "or PATH.onnx, and PATH.json)")
+    parser.add_argument("--traceback", action="store_true", help="show the full stack of an error")
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    return export(args.run, args.format, args.output)
+
+
+if __name__ == "__main__":
+    cli.run_main(main)
