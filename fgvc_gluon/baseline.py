@@ -81,6 +81,12 @@ class BaselineMethod(FGVCTask):
     def predict(self, data, epoch):
         return OrderedDict([("classifier", self.net(data))])
 
+    def pictures(self, batches, directory, epoch):
+        """RUN/pictures/cam_epoch<N>.png: class activation maps of the true and the predicted class
+        (:mod:`fgvc_gluon.pictures`)."""
+        from .pictures import cam_pictures
+        return cam_pictures(self, batches, directory, epoch)
+
 
 def build_method(num_classes, backbone=RECIPE["backbone"], image_size=RECIPE["image_size"],
                  pretrained=False, ctx=None, smooth_ratio=SMOOTH_RATIO):

@@ -368,6 +368,12 @@ class MCLossMethod(FGVCTask):
     def predict(self, data, epoch):
         return OrderedDict([("classifier", self.net(data))])
 
+    def pictures(self, batches, directory, epoch):
+        """RUN/pictures/mcloss_epoch<N>.png: the channel groups of the true and the predicted class
+        (:mod:`fgvc_gluon.pictures`)."""
+        from .pictures import mcloss_pictures
+        return mcloss_pictures(self, batches, directory, epoch)
+
 
 def build_method(num_classes, backbone=RECIPE["backbone"], xi=3, alpha=1.5, beta=20.0,
                  image_size=RECIPE["image_size"], pretrained=False, width=1.0, keep=None, seed=None,

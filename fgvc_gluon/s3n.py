@@ -630,6 +630,12 @@ class S3NMethod(FGVCTask):
         outputs = self.net(data, evaluation_mode(epoch))
         return OrderedDict(zip(self.BRANCHES, outputs))
 
+    def pictures(self, batches, directory, epoch):
+        """RUN/pictures/s3n_epoch<N>.png: inputs, class response maps with peaks, zoomed and complementary samples
+        (:mod:`fgvc_gluon.pictures`)."""
+        from .pictures import s3n_pictures
+        return s3n_pictures(self, batches, directory, epoch)
+
 
 def build_method(num_classes, backbone=RECIPE["backbone"], pretrained=False, image_size=RECIPE["image_size"],
                  radius=0.09, radius_inv=0.3, base_ratio=0.09, smooth_ratio=SMOOTH_RATIO,
