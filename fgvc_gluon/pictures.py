@@ -97,7 +97,8 @@ def s3n_pictures(task, batches, directory, epoch):
         size = images[n].shape[0] / float(sampled["scores"].shape[1])
         for mask, colour in (("to_zoom", "red"), ("to_complement", "cyan")):
             ys, xs = np.nonzero(sampled[mask][n] > 0)
-            axis.scatter((xs + 0.5) * size - 0.5, (ys + 0.5) * size - 0.5, s=12, c=colour, marker="x")
+            axis.scatter((xs + 0.5) * size - 0.5, (ys + 0.5) * size - 0.5, s=60, c=colour, marker="x",
+                         linewidths=2, clip_on=False)
         show_image(figure.add_subplot(rows, columns, n * columns + 3), zoom[n], "zoomed")
         show_image(figure.add_subplot(rows, columns, n * columns + 4), complement[n], "complementary")
     figure.suptitle("S3N samples after epoch %d (mode p=%d)" % (epoch, mode), fontsize=9)
