@@ -182,7 +182,8 @@ def centerloss_pictures(task, batches, directory, epoch):
         axis.scatter(features[mine, 0], features[mine, 1], s=4, c=colours[k], alpha=0.6,
                      label=_class_name(task, k))
     axis.scatter(centers[:, 0], centers[:, 1], s=80, c=colours, marker="X", edgecolors="black",
-                 linewidths=1.0, label="centers")
+                 linewidths=1.0)
+    axis.scatter([], [], s=40, c="white", marker="X", edgecolors="black", label="centers")  # legend entry
     axis.legend(fontsize=6, markerscale=2, loc="best")
     axis.set_title("center loss: %s of %d validation images, epoch %d" % (what, len(labels), epoch),
                    fontsize=9)

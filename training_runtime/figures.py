@@ -38,7 +38,7 @@ def save_figure(figure, path, grid=False):
     """Write ``figure`` as a PNG to ``path`` atomically; returns ``path``. ``grid``: a grid
     of image panels (fixed margins; tight_layout costs seconds for dozens of axes)."""
     if grid:
-        top = 1.0 - 0.6 / figure.get_size_inches()[1]  # 0.6 inch for the title
+        top = 1.0 - 0.8 / figure.get_size_inches()[1]  # 0.8 inch for the title
         figure.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=top, wspace=0.08, hspace=0.45)
     else:
         figure.tight_layout()
