@@ -156,6 +156,7 @@ class CenterLossMethod(FGVCTask):
     """Softmax CE + λ·center loss; the centers on their own fixed-lr SGD Trainer."""
 
     name = "centerloss"  # the registered method name
+    picture_images = 1000
 
     def __init__(self, net, center_loss, loss_weight, center_lr, image_size, normalisation):
         self.net = net
@@ -194,6 +195,11 @@ class CenterLossMethod(FGVCTask):
 
     def inference_block(self, epoch):
         return InferenceBranch(lambda F, x, net: net(x)[1], self.net, prefix="exported_")
+    def pictures(self, batches, directory, epoch):
+        """RUN/pictures/centerloss_epoch<N>.png: features by class with the centers (PCA above 2-D)
+        (:mod:`fgvc_gluon.pictures`)."""
+        from .pictures import centerloss_pictures
+        return centerloss_pictures(self, batches, directory, epoch)
 
 
 def build_method(num_classes, backbone=RECIPE["backbone"], feat_dim=None, loss_weight=1.0, center_lr=0.5,

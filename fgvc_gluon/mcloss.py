@@ -372,6 +372,11 @@ class MCLossMethod(FGVCTask):
         """The evaluation path of MCNetwork (logits only) as one HybridBlock."""
         return InferenceBranch(lambda F, x, features, classifier: classifier(features(x)),
                                self.net.features, self.net.classifier, prefix="exported_")
+    def pictures(self, batches, directory, epoch):
+        """RUN/pictures/mcloss_epoch<N>.png: the channel groups of the true and the predicted class
+        (:mod:`fgvc_gluon.pictures`)."""
+        from .pictures import mcloss_pictures
+        return mcloss_pictures(self, batches, directory, epoch)
 
 
 def build_method(num_classes, backbone=RECIPE["backbone"], xi=3, alpha=1.5, beta=20.0,

@@ -54,6 +54,7 @@ def _builder(build_method, knobs):
                 kwargs[field] = value
         task = build_method(len(label_names), pretrained=bool(model_config.pretrained), ctx=ctx,
                             **kwargs)
+        task.class_names = tuple(label_names)  # the pictures name the classes
         return task
 
     build.__doc__ = ("Build %s.%s(len(label_names), ...) from a ModelConfig; returns the task."

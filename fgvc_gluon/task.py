@@ -142,6 +142,7 @@ class FGVCTask(TrainingTask):
     """
 
     metric_name = "top1"
+    picture_images = 4
     name = None
     net = None
     #: upstream training settings (the optimisation ones come from the method's RECIPE), keys:

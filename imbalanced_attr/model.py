@@ -167,6 +167,25 @@ class AttributeModel(HybridBlock):
             blocks["fsr_stage_%d" % number] = stage.fsr
         return blocks
 
+    def attention_maps(self, x):
+        """What each stage attends to, computed as :meth:`hybrid_forward` does (NDArrays).
+
+        x: N×3×S×S. Returns ``(logits, scores, maps)``: logits and the three
+        stage scores (N×C each, equal to ``net(x)``'s) and, per stage 2, 3, 4,
+        a dict with ``softmax`` (``spatial_softmax(fatt(tap))``, N×C×h×w, each
+        map summing to 1), ``confidence`` (``fconv(tap)``, N×C×h×w in (0, 1))
+        and ``attention`` (their product, the fsr input), h×w the tap's size.
+        """
+        tap2, tap3, tap4, logits = self.backbone(x)
+        scores, maps = [], []
+        for stage, tap in zip(self.stage_heads(), (tap2, tap3, tap4)):
+            softmax = spatial_softmax(stage.fatt(tap))
+            confidence = stage.fconv(tap)
+            attention = softmax * confidence
+            scores.append(stage.fsr(attention))
+            maps.append({"softmax": softmax, "confidence": confidence, "attention": attention})
+        return logits, scores, maps
+
     def hybrid_forward(self, F, x):
         tap2, tap3, tap4, logits = self.backbone(x)
         scores = [stage(tap) for stage, tap in zip(self.stage_heads(), (tap2, tap3, tap4))]

@@ -103,6 +103,7 @@ class AttributeTask(TrainingTask):
     """
 
     metric_name = "mAP"
+    picture_images = 4
 
     def __init__(self, model, attribute_names, ctx):
         options = model.options
@@ -211,6 +212,11 @@ class AttributeTask(TrainingTask):
     def test_report(self, batches, epoch, out=sys.stdout):
         labels, probs = self._labels_and_probs(batches, epoch)
         return test_report(self.attribute_names, labels, probs, out)
+
+    def pictures(self, batches, directory, epoch):
+        """RUN/pictures/attention_epoch<N>.png (:mod:`imbalanced_attr.explain`)."""
+        from .explain import task_pictures
+        return task_pictures(self, batches, directory, epoch)
 
     def extra_state(self):
         return {"history": self.history.state_dict()} if self.history is not None else {}

@@ -34,6 +34,9 @@ from .loop import (TEST_FILE, Runner, evaluate, evaluated_epoch, evaluation_batc
 from .schedule import make_schedule
 
 
+PREDICTIONS = "predictions.csv"  # --predict's default --output
+
+
 # ---------------------------------------------------------------------------- parser
 
 def recipes_text(family):
@@ -77,7 +80,10 @@ def build_parser(family, doc):
     g.add_argument("--predict", nargs="+", default=None, metavar="IMAGE",
                    help="write the model's main output for these images to --output (CSV)")
     g.add_argument("--weights", default=None, help="model for --test / --predict (as --test WEIGHTS)")
-    g.add_argument("--output", default="predictions.csv", help="CSV written by --predict")
+    g.add_argument("--output", default=None,
+                   help="CSV written by --predict (default %s); a family action's output" % PREDICTIONS)
+    for action in family.actions:
+        action.add_arguments(g)
     run_config.add_arguments(parser, family, method_flag=len(family.methods) > 1)
     return parser
 
@@ -86,6 +92,9 @@ def main(family, argv=None, doc="", callbacks=()):
     """Parse ``argv`` and run the action; returns the test report (train, --test)."""
     args = build_parser(family, doc).parse_args(argv)
     given = run_config.given_values(args, family)
+    for action in family.actions:
+        if action.requested(args):
+            return action.run(family, args, given)
     if args.predict is not None:
         return run_predict(family, args, given)
     if args.test is not None:
@@ -352,6 +361,7 @@ class ImageFiles(gluon.data.Dataset):
 def run_predict(family, args, given):
     """CSV: one row per image, the task's main output per label."""
     task, config, names, epoch, _ = _inference_task(family, args, given, "--weights", "test")
+    args.output = args.output or PREDICTIONS
     directory = os.path.dirname(os.path.abspath(args.output))
     if os.path.isdir(args.output):
         raise UserError("--output: %s is a directory; expected the path of a CSV file" % args.output)

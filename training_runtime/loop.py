@@ -47,8 +47,10 @@ RESUMES_FILE = "resumes.jsonl"
 METRICS_FILE = "metrics.jsonl"
 CURVES_FILE = "curves.png"
 TEST_FILE = "test.json"
+PICTURES_DIR = "pictures"
 
 EVAL_STEP = 2 ** 31 + 1  # reseed position of an evaluation (S3N's early evaluation mode is random)
+PICTURE_STEP = EVAL_STEP + 1  # reseed position of the pictures after an evaluation
 
 
 class Callback(object):
@@ -422,6 +424,7 @@ class Runner(object):
         metrics = {k: float(v) if isinstance(v, (int, float, np.number)) else v
                    for k, v in evaluate(self.task, self.val_set, self.ctx, self.config, self.epoch).items()}
         value = metrics[self.task.metric_name]
+        self._pictures()
         # a partial epoch's evaluation never sets the best of the full epochs
         improved = value > self.best and not partial
         if improved:
@@ -441,6 +444,23 @@ class Runner(object):
             ", ".join("val %s %.4f" % (k, v) for k, v in metrics.items() if isinstance(v, float)),
             elapsed))
         return improved
+
+    def _pictures(self):
+        """``task.pictures`` on the evaluation split's first ``picture_images`` images into
+        RUN/pictures; any failure is a warning (pictures never end a run)."""
+        count = min(len(self.val_set), int(getattr(self.task, "picture_images", 0) or 0))
+        if count <= 0:
+            return
+        try:
+            reseed(self.runtime.seed, self.epoch, PICTURE_STEP)
+            directory = os.path.join(self.save_dir, PICTURES_DIR)
+            os.makedirs(directory, exist_ok=True)
+            subset = gluon.data.SimpleDataset([self.val_set[i] for i in range(count)])
+            self.task.pictures(evaluation_batches(subset, self.ctx, self.runtime.batch_size, 0, "pictures"),
+                               directory, self.epoch)
+        except Exception as err:  # noqa: BLE001  (a picture is never worth a run)
+            self.log("warning: the pictures of epoch %d were not written (%s: %s)"
+                     % (self.epoch, type(err).__name__, str(err).splitlines()[0] if str(err) else ""))
 
     def _steps_left(self):
         return self.runtime.max_steps - self.step if self.runtime.max_steps else math.inf

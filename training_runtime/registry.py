@@ -177,10 +177,14 @@ class TaskFamily(object):
     'fgvc': int classes); script: the script's name (checkpoints remember
     it); methods, datasets: :class:`Registry` objects; default_dataset: the
     dataset of a --data-dir run without --dataset; schedule: 'plateau' or
-    'step' (the family's lr rule).
+    'step' (the family's lr rule); actions: the family's own command-line
+    actions besides train / --test / --predict, objects with
+    ``add_arguments(group)``, ``requested(args)`` and ``run(family, args, given)``
+    (e.g. the attribute family's ``--explain``).
     """
 
-    def __init__(self, name, script, methods, datasets, default_dataset, description=""):
+    def __init__(self, name, script, methods, datasets, default_dataset, description="", actions=()):
+        self.actions = tuple(actions)
         self.name, self.script, self.methods, self.datasets = name, script, methods, datasets
         self.default_dataset, self.description = default_dataset, description
 

@@ -35,6 +35,10 @@ What the runtime calls, in order:
    -> JSON-able dict of the final test, printed to ``out``;
 10. export (``python -m training_runtime.export``): ``inference_block(epoch)``,
     ``inference_subnetwork(epoch)`` and ``export_info()``.
+10. ``pictures(batches, directory, epoch)``: after every evaluation, on the
+   first ``picture_images`` images of the evaluation split, write pictures of
+   what the model learned into ``directory`` (optional; a failure is a
+   warning, never the end of a run).
 """
 import collections
 import sys
@@ -62,6 +66,8 @@ class TrainingTask(object):
 
     #: key of :meth:`evaluate`'s dict that drives the schedule and ``best``
     metric_name = None
+    #: how many of the evaluation split's first images :meth:`pictures` gets
+    picture_images = 8
 
     def blocks(self):
         """Ordered dict name -> Block of everything a checkpoint holds."""
@@ -104,6 +110,13 @@ class TrainingTask(object):
         metrics = self.evaluate(batches, epoch)
         print("test " + ", ".join("%s %.4f" % kv for kv in metrics.items()), file=out)
         return metrics
+
+    def pictures(self, batches, directory, epoch):
+        """Write pictures of what the model learned after ``epoch`` into ``directory``
+        (an existing directory); ``batches`` yields ``(data, label)`` device slices of
+        the first :attr:`picture_images` images of the evaluation split, always the
+        same ones. Returns the paths written (default: nothing)."""
+        return []
 
     def extra_state(self):
         """Dict of numpy arrays and plain numbers saved in checkpoints."""
