@@ -4,13 +4,15 @@ command line that runs a training script with them installed.
     python tests/hooks.py --kill-at-step 5 --nan-at-step 3 -- train_attr.py ARGS...
 
 - :class:`KillAtStep`: the process SIGKILLs itself right after step k (before
-  any checkpoint of that step) — the kill-and-resume tests;
+  any checkpoint of that step) — the kill-and-resume tests (``KILL_CHILDREN_FILE``:
+  where to list its child processes first);
 - :class:`NanAtStep`: the loss of step k becomes NaN before the backward pass
   (so the parameters become NaN too) — the NaN-guard tests;
 - :class:`SignalAtStep`: the process sends itself a signal (SIGTERM, SIGINT) right
   after step k, ``count`` times — the pre-emption tests.
 """
 import argparse
+import json
 import os
 import runpy
 import signal
@@ -20,12 +22,33 @@ from training_runtime import cli
 from training_runtime.loop import Callback
 
 
+def child_pids(pid):
+    """Process ids whose parent is ``pid`` (from /proc)."""
+    found = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open("/proc/%s/stat" % name) as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                found.append(int(name))
+    return found
+
+
 class KillAtStep(Callback):
+    """With the environment variable KILL_CHILDREN_FILE set, the ids of the
+    process's children (DataLoader workers) are written there (JSON) first."""
+
     def __init__(self, step):
         self.step = int(step)
 
     def on_step_end(self, runner):
         if runner.step == self.step:
+            if os.environ.get("KILL_CHILDREN_FILE"):
+                with open(os.environ["KILL_CHILDREN_FILE"], "w") as f:
+                    json.dump(child_pids(os.getpid()), f)
             os.kill(os.getpid(), signal.SIGKILL)
 
 

@@ -80,7 +80,7 @@ class DataConfig:
                                        resumable=True, test=True)
     skip_bad_images: bool = _field(False, "drop missing/corrupt images (listed) instead of stopping",
                                    test=True)
-    num_workers: int = _field(0, "data loading processes; exact resume needs 0", minimum=0,
+    num_workers: int = _field(0, "data loading processes (results do not depend on it)", minimum=0,
                               resumable=True, test=True)
 
 

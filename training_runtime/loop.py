@@ -11,18 +11,24 @@ epoch, writes ``metrics.jsonl`` and ``curves.png`` and atomic checkpoints,
 and resumes exactly.
 
 Determinism and exact resume: the data order of epoch e is a permutation
-drawn from (seed, e); before step s of epoch e, python's ``random``,
-``numpy.random`` and ``mx.random`` are reseeded from (seed, e, s) (and from
-(seed, e, EVAL_STEP) before an evaluation), so augmentation and dropout
-depend only on the position, never on the history of the process (MXNet's
-RNG state cannot be saved). The checkpoint keeps the number of batches
-consumed in the epoch; a resumed run skips them. With ``num_workers`` > 0 the
-augmentation runs in worker processes and is not reproducible.
+drawn from (seed, e). Before sample i is read and augmented in epoch e,
+python's ``random``, ``numpy.random`` and mxnet's CPU generator are reseeded
+from (seed, e, i) (:class:`IndexedDataset`), in whichever process loads it:
+the main process (``num_workers`` 0) or a DataLoader worker, so every
+``--num-workers`` gives the same batches. After the batch of step s is
+loaded and before its forward pass, python, numpy and ``mx.random`` (all
+devices) are reseeded from (seed, e, s) (and from (seed, e, EVAL_STEP) before
+an evaluation) for the model's own randomness (dropout, masks, random
+modes). Everything depends on the position only, never on the history of
+the process (MXNet's RNG state cannot be saved). The checkpoint keeps the
+number of batches consumed in the epoch; a resumed run skips them. Worker
+processes die with the run, even when it is SIGKILLed (Linux).
 
 Callbacks (:class:`Callback`) observe or alter a run at fixed points; the
 tests' kill, NaN and fault hooks are callbacks (tests/hooks.py).
 """
 import collections
+import ctypes
 import json
 import math
 import os
@@ -51,6 +57,7 @@ PICTURES_DIR = "pictures"
 
 EVAL_STEP = 2 ** 31 + 1  # reseed position of an evaluation (S3N's early evaluation mode is random)
 PICTURE_STEP = EVAL_STEP + 1  # reseed position of the pictures after an evaluation
+ITEM_STREAM = EVAL_STEP + 2  # tag of the per-sample augmentation seeds (distinct from the step seeds)
 
 
 class Callback(object):
@@ -83,18 +90,70 @@ def epoch_order(seed, epoch, num_samples):
     return np.random.RandomState(derived_seed(seed, epoch, 2 ** 31)).permutation(num_samples)
 
 
-class IndexedDataset(gluon.data.Dataset):
-    """Items ``(data, label, index)``: the sample's dataset index travels with it."""
+def reseed_item(seed, epoch, index):
+    """Reseed python, numpy and mxnet's CPU generator from (seed, epoch, index):
+    the augmentation of one sample (gluon's transforms draw from python's
+    ``random`` and from mxnet's CPU generator, ours from python's ``random``)."""
+    s = derived_seed(seed, epoch, ITEM_STREAM, index)
+    random.seed(s)
+    np.random.seed(s)
+    mx.random.seed(s, ctx=mx.cpu())
 
-    def __init__(self, dataset):
+
+_PR_SET_PDEATHSIG = 1
+_armed_pid = None
+
+
+def die_with_parent(parent_pid):
+    """In a process forked by ``parent_pid`` (a DataLoader worker): ask Linux to
+    SIGKILL this process when its parent dies (a SIGKILLed run leaves no
+    orphan); exit at once if the parent is already gone. Once per process; a
+    no-op in ``parent_pid`` itself and on other systems."""
+    global _armed_pid
+    pid = os.getpid()
+    if pid == parent_pid or _armed_pid == pid or not sys.platform.startswith("linux"):
+        return
+    _armed_pid = pid
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent_pid:
+        os._exit(1)
+
+
+class IndexedDataset(gluon.data.Dataset):
+    """Items ``(data, label, index)`` of a transformed dataset of ``(data, label)``:
+    the sample's dataset index travels with it.
+
+    A key is an index, or ``(epoch, index)``: then python's ``random``,
+    ``numpy.random`` and mxnet's CPU generator are first reseeded from
+    (seed, epoch, index) (:func:`reseed_item`), so the sample's augmentation
+    is the same in the main process and in any DataLoader worker.
+    """
+
+    def __init__(self, dataset, seed=0):
         self._dataset = dataset
+        self._seed = int(seed)
+        self._owner = os.getpid()
 
     def __len__(self):
         return len(self._dataset)
 
-    def __getitem__(self, index):
+    def __getitem__(self, key):
+        if isinstance(key, tuple):
+            epoch, index = key
+            die_with_parent(self._owner)
+            reseed_item(self._seed, epoch, index)
+        else:
+            index = key
         data, label = self._dataset[index]
         return data, label, index
+
+
+def epoch_keys(epoch, batches):
+    """The :class:`IndexedDataset` keys of ``batches`` (lists of indices) in ``epoch``."""
+    return [[(epoch, i) for i in batch] for batch in batches]
 
 
 def batch_indices(order, batch_size, start_batch=0, min_batch=1):
@@ -339,7 +398,7 @@ class Runner(object):
         #: () -> dict merged into every metrics.jsonl record (e.g. skipped-image counts)
         self.extra_record = extra_record or dict
         self._signal = None
-        self.train_set = IndexedDataset(train_set)
+        self.train_set = IndexedDataset(train_set, config.runtime.seed)
         self.val_set = val_set
         self.epoch, self.batch_in_epoch, self.step = 0, 0, 0
         self.best = -math.inf
@@ -388,7 +447,9 @@ class Runner(object):
 
     # ---- training ---------------------------------------------------------
     def _loader(self, batches):
-        return gluon.data.DataLoader(self.train_set, batch_sampler=batches,
+        """The loader of this epoch's remaining ``batches`` (lists of indices): one
+        for the epoch, its workers prefetch 2 batches each."""
+        return gluon.data.DataLoader(self.train_set, batch_sampler=epoch_keys(self.epoch, batches),
                                      num_workers=self.config.data.num_workers)
 
     def train_step(self, batch):
@@ -473,7 +534,9 @@ class Runner(object):
 
     # ---- signals: finish the step, checkpoint, exit 128 + signal -----------
     def _on_signal(self, signum, frame):
-        if self._signal is not None:  # the second signal: leave at once
+        if os.getpid() != self._pid or self._signal is not None:
+            # a DataLoader worker (it inherited the handler; Pool.terminate sends SIGTERM)
+            # or the second signal: leave at once
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
             return
@@ -483,6 +546,7 @@ class Runner(object):
 
     def _install_signal_handlers(self):
         self._previous_handlers = {}
+        self._pid = os.getpid()
         if threading.current_thread() is not threading.main_thread():
             return  # signal handlers can only be set from the main thread
         for signum in (signal.SIGINT, signal.SIGTERM):
@@ -538,10 +602,10 @@ class Runner(object):
             for _ in batches:
                 if self._signal is not None:
                     self._stop_for_signal()
-                # the step's randomness (augmentation included: with num_workers 0 the
-                # batch is loaded after the reseed) depends on the position only
-                reseed(runtime.seed, self.epoch, self.batch_in_epoch)
+                # augmentation was seeded per sample (IndexedDataset); the model's own
+                # randomness depends on the step's position only
                 batch = next(batch_iter)
+                reseed(runtime.seed, self.epoch, self.batch_in_epoch)
                 step_sum = self.train_step(batch)
                 self.step += 1
                 self.batch_in_epoch += 1
