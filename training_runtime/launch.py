@@ -171,7 +171,10 @@ def main(argv=None):
     start = time.time()
     try:
         while True:
-            for c in children:
+            # workers first: their failure is the cause when the servers then leave too.
+            # A server or the scheduler that exits 0 is never a failure by itself: ps-lite
+            # ends them when every worker has finalized
+            for c in workers + [c for c in children if c.role != "worker"]:
                 code = c.proc.poll()
                 if code is None:
                     continue
@@ -180,13 +183,6 @@ def main(argv=None):
                         c.role, EXIT_WORKER + c.rank)
                     return stop_all("%s (pid %d) exited with status %d" % (c.name, c.proc.pid, code),
                                     status)
-                # servers and scheduler leave once the workers' shutdown began (a worker
-                # exited 0); before that their exit is a failure
-                if (c.role != "worker" and any(w.proc.poll() is None for w in workers)
-                        and not any(w.proc.poll() == 0 for w in workers)):
-                    status = EXIT_SCHEDULER if c.role == "scheduler" else EXIT_SERVER
-                    return stop_all("%s (pid %d) exited before the workers finished"
-                                    % (c.name, c.proc.pid), status)
             if all(c.proc.poll() == 0 for c in children):
                 for c in children:
                     c.thread.join(5)
