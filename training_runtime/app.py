@@ -29,6 +29,7 @@ from . import checkpoint, cli, config as run_config, records
 from .errors import UserError, writing
 from .fingerprint import describe_difference, fingerprint
 from .images import load_image
+from . import distributed
 from .loop import (TEST_FILE, Runner, evaluate, evaluated_epoch, evaluation_batches, freeze_batchnorm,
                    use_sync_batchnorm)
 from .schedule import make_schedule
@@ -221,6 +222,7 @@ def run_training(family, args, given, argv, callbacks=()):
     else:
         config = run_config.resolve(family, given)
     ctx = cli.contexts(config.runtime)
+    rank = distributed_rank(config.runtime.kvstore)
     mx.random.seed(config.runtime.seed)  # parameter initialisation
     np.random.seed(config.runtime.seed)
     data = config.data
@@ -237,8 +239,11 @@ def run_training(family, args, given, argv, callbacks=()):
     check_same_labels(names, test_set, "--test-split %s" % data.test_split)
     if resume_file:
         check_resumed_data(record, train_set, resume_file, data)
-    save_dir = cli.prepare_save_dir(args, family.script, config.to_dict(),
-                                    list(sys.argv[1:] if argv is None else argv))
+    if rank == 0:
+        save_dir = cli.prepare_save_dir(args, family.script, config.to_dict(),
+                                        list(sys.argv[1:] if argv is None else argv))
+    else:  # the other workers write nothing (rank 0 holds the same state)
+        save_dir = os.path.abspath(args.save_dir or os.path.dirname(resume_file or "") or ".")
     task = build_task(family, config, names, ctx, config.model.pretrained and not resume_file)
     for split, flag in ((val_set, "--val-split %s" % data.val_split),
                         (test_set, "--test-split %s" % data.test_split)):
@@ -264,7 +269,8 @@ def run_training(family, args, given, argv, callbacks=()):
         len(val_set), ", ".join(str(c) for c in ctx), save_dir))
     if resume_file:
         runner.resume(resume_file)
-        cli.record_resume(save_dir, resume_file, runner.step, changes)
+        if rank == 0:
+            cli.record_resume(save_dir, resume_file, runner.step, changes)
         if changes:
             print("resume: applied %s (from step %d)" % (run_config.describe_changes(changes), runner.step))
     runner.run()
@@ -273,9 +279,23 @@ def run_training(family, args, given, argv, callbacks=()):
         config.model.method, epoch, data.test_split, len(test_set)))
     report = evaluate(task, test_set.transform_first(task.transform(False)), ctx, config, epoch,
                       report=sys.stdout)
-    write_json(os.path.join(save_dir, TEST_FILE),
-               dict(report, epoch=epoch, skipped_images=skipped_images(test=test_set)))
+    if rank == 0:
+        write_json(os.path.join(save_dir, TEST_FILE),
+                   dict(report, epoch=epoch, skipped_images=skipped_images(test=test_set)))
     return report
+
+
+def distributed_rank(kind):
+    """This worker's rank for ``--kvstore kind`` (0 without a dist kvstore); creating a
+    dist kvstore waits for every process of the launcher."""
+    if distributed.is_dist(kind) and "DMLC_ROLE" not in os.environ:
+        raise UserError("--kvstore %s: start the run with python -m training_runtime.launch "
+                        "--workers N --servers M -- python SCRIPT ... (no DMLC_ROLE in the "
+                        "environment)" % kind)
+    try:
+        return distributed.rank_and_size(kind)[0]
+    except ValueError as err:
+        raise UserError(str(err))
 
 
 # ---------------------------------------------------------------------------- test and predict

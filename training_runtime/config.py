@@ -115,6 +115,12 @@ class RuntimeConfig:
                                      "usual data parallelism), sync = SyncBatchNorm over the devices "
                                      "(GPUs), frozen = running statistics only (exact across any "
                                      "device split)", choices=("batch", "sync", "frozen"), test=True)
+    kvstore: str = _field("device", "gradient reduction: device / local = Gluon's kvstore over this "
+                                    "process's devices; dist_sync / dist_device_sync = MXNet's parameter "
+                                    "server over the processes of python -m training_runtime.launch "
+                                    "(--batch-size is then per worker)",
+                          choices=("device", "local", "dist_sync", "dist_device_sync", "dist_async"),
+                          resumable=True, test=True)
     checkpoint_every: int = _field(0, "also save the last checkpoint every N steps (0: each epoch)",
                                    minimum=0, resumable=True)
     max_steps: int = _field(0, "stop after N training steps in total (smoke runs; 0: no limit); "

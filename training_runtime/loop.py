@@ -44,7 +44,7 @@ from mxnet import autograd, gluon
 from mxnet.gluon.contrib.nn import SyncBatchNorm
 from tqdm import tqdm
 
-from . import checkpoint
+from . import checkpoint, distributed
 from .errors import RunInterrupted, UserError, writing
 from .task import ParamGroup  # noqa: F401  (re-exported: its historical home)
 
@@ -393,7 +393,12 @@ class Runner(object):
         self.trainers = collections.OrderedDict()
         for group in task.trainable_groups():
             trainer = make_trainer(group.params, self.optim, group.optimizer_params)
+            distributed.configure_trainer(trainer, self.runtime.kvstore)
             self.trainers[group.name] = schedule.attach(trainer, group.lr_mult, group.follows_schedule)
+        # data parallelism over processes (--kvstore dist_*): rank 0 of num_workers
+        self.rank, self.num_workers = distributed.rank_and_size(self.runtime.kvstore)
+        kv = distributed.kvstore(self.runtime.kvstore)
+        self.reducer = distributed.GradientReducer(kv, self.trainers) if kv is not None else None
         self.metrics = MetricsLog(save_dir, log)
         #: () -> dict merged into every metrics.jsonl record (e.g. skipped-image counts)
         self.extra_record = extra_record or dict
@@ -413,9 +418,11 @@ class Runner(object):
                 "best": self.best if math.isfinite(self.best) else None,
                 "loss_sum": self.monitor.loss_sum, "loss_count": self.monitor.count,
                 "epoch_time": self._elapsed(), "batch_size": self.runtime.batch_size,
-                "seed": self.runtime.seed}
+                "seed": self.runtime.seed, "num_workers": self.num_workers}
 
     def save(self, best=False):
+        if self.rank != 0:  # rank 0 writes the checkpoints (every worker holds the same state)
+            return
         arrays = checkpoint.capture(self.blocks, self.trainers, self.schedule, self._progress(),
                                     self.meta, self.task.extra_state(), workdir=self.save_dir)
         last = os.path.join(self.save_dir, checkpoint.LAST)
@@ -430,6 +437,11 @@ class Runner(object):
         if check_meta is None:
             check_meta = {k: v for k, v in self.meta.items() if k != "config"}
         progress, extra = checkpoint.restore(path, self.blocks, self.trainers, self.schedule, check_meta)
+        workers = progress.get("num_workers", 1)
+        if workers != self.num_workers:
+            raise UserError("--resume: %s was written by %d worker(s), this run has %d (the global "
+                            "batch, workers x --batch-size, and so the data order would change)"
+                            % (path, workers, self.num_workers))
         for key in ("batch_size", "seed"):
             if progress[key] != getattr(self.runtime, key):
                 raise UserError("--resume: %s was written with --%s %s, this run has %s (the data "
@@ -442,7 +454,8 @@ class Runner(object):
         self.best = progress["best"] if progress["best"] is not None else -math.inf
         self.monitor = LossMonitor(progress["loss_sum"], progress["loss_count"])
         self.epoch_time = progress["epoch_time"]
-        self.metrics.truncate(self.epoch)
+        if self.rank == 0:
+            self.metrics.truncate(self.epoch)
         self.log("resumed from %s at epoch %d, step %d" % (path, self.epoch, self.step))
 
     # ---- training ---------------------------------------------------------
@@ -452,12 +465,17 @@ class Runner(object):
         return gluon.data.DataLoader(self.train_set, batch_sampler=epoch_keys(self.epoch, batches),
                                      num_workers=self.config.data.num_workers)
 
-    def train_step(self, batch):
+    def train_step(self, batch, global_size=None):
         """Forward/backward on every device slice, then one step of every trainer.
 
-        Returns the summed loss of the batch as a device scalar (no host sync).
+        ``global_size``: the samples of the step over all workers (--kvstore dist_*:
+        the gradients are summed over the workers first). Returns the summed loss of
+        this worker's batch as a device scalar (no host sync).
         """
         data, label, index = batch
+        if self.reducer is not None and not self.reducer._initialised and all(
+                p._data is not None for _, p in self.reducer.params):
+            self.reducer.broadcast()  # rank 0's parameters on every worker
         ctx = self.ctx[:min(len(self.ctx), data.shape[0])]
         slices = [gluon.utils.split_and_load(x, ctx, even_split=False) for x in (data, label, index)]
         with autograd.record():
@@ -470,8 +488,15 @@ class Runner(object):
                 losses = callback.on_losses(self, losses)
         for loss in losses:
             loss.backward()
-        for trainer in self.trainers.values():
-            trainer.step(data.shape[0])
+        if self.reducer is not None:
+            if not self.reducer._initialised:  # deferred shapes: known after the first forward
+                self.reducer.broadcast()
+            self.reducer.reduce()
+            for trainer in self.trainers.values():
+                trainer.update(global_size or data.shape[0])
+        else:
+            for trainer in self.trainers.values():
+                trainer.step(data.shape[0])
         self.task.after_step(self.epoch)
         return mx.nd.add_n(*[loss.sum().as_in_context(self.ctx[0]) for loss in losses])
 
@@ -499,7 +524,8 @@ class Runner(object):
         record.update(self.extra_record())
         if partial:
             record["partial"] = True
-        self.metrics.append(record)
+        if self.rank == 0:
+            self.metrics.append(record)
         self.log("epoch %d%s: lr %g, train loss %.4f, %s, %.1fs" % (
             self.epoch, " (stopped by --max-steps)" if partial else "", lr, self.monitor.mean,
             ", ".join("val %s %.4f" % (k, v) for k, v in metrics.items() if isinstance(v, float)),
@@ -574,7 +600,8 @@ class Runner(object):
         :class:`RunInterrupted` is raised (exit status 130 / 143); a second signal
         stops at once. A divergence names the last good checkpoint, if any.
         """
-        checkpoint.check_free_space(self.save_dir, self.checkpoint_bytes())
+        if self.rank == 0:
+            checkpoint.check_free_space(self.save_dir, self.checkpoint_bytes())
         self._install_signal_handlers()
         try:
             self._run()
@@ -594,7 +621,10 @@ class Runner(object):
             self._segment_start = time.time()
             self.schedule.start_epoch(self.epoch)
             order = epoch_order(runtime.seed, self.epoch, len(self.train_set))
-            all_batches = batch_indices(order, runtime.batch_size, 0, min_batch=len(self.ctx))
+            # with W workers a step is a global batch of W x --batch-size samples; worker r
+            # trains its consecutive share of it (distributed.shard)
+            all_batches = batch_indices(order, runtime.batch_size * self.num_workers, 0,
+                                        min_batch=len(self.ctx) * self.num_workers)
             batches = all_batches[self.batch_in_epoch:]
             batches = batches[:min(len(batches), self._steps_left())]
             bar = progress_bar(len(all_batches), "epoch %d" % self.epoch, self.batch_in_epoch)
@@ -606,7 +636,13 @@ class Runner(object):
                 # randomness depends on the step's position only
                 batch = next(batch_iter)
                 reseed(runtime.seed, self.epoch, self.batch_in_epoch)
-                step_sum = self.train_step(batch)
+                global_size = batch[0].shape[0]
+                if self.num_workers > 1:
+                    # every worker loads the whole global batch (so augmentation is that of
+                    # one process) and trains its share
+                    part = distributed.shard(list(range(global_size)), self.rank, self.num_workers)
+                    batch = [x[part[0]:part[-1] + 1] for x in batch]
+                step_sum = self.train_step(batch, global_size)
                 self.step += 1
                 self.batch_in_epoch += 1
                 self.monitor.add(self.step, step_sum, batch[0].shape[0])
