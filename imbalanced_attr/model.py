@@ -79,8 +79,28 @@ def make_fconv(num_classes, in_channels):
     return net
 
 
-def _conv_bn_relu(net, channels, kernel_size, in_channels, padding=0):
-    net.add(nn.Conv2D(channels, kernel_size=kernel_size, padding=padding, in_channels=in_channels))
+class WholeInputConv2D(nn.Conv2D):
+    """A k×k "valid" Conv2D whose kernel covers its whole k×k input, computed as
+    one matrix product: N×in×k×k → N×channels×1×1.
+
+    Same Parameter as ``nn.Conv2D`` (name ``..._weight``, shape
+    (channels, in, k, k), and the bias): the weight is reshaped to
+    (channels, in·k·k) inside ``hybrid_forward`` and ``FullyConnected`` runs on
+    the flattened input, which is the convolution's sum in another order
+    (float32 round-off only). Only valid when the input is exactly k×k (the fsr
+    layer's case, checked by the shapes: FullyConnected fails otherwise).
+    """
+
+    def hybrid_forward(self, F, x, weight, bias=None):
+        flat_weight = F.reshape(weight, shape=(0, -1))  # channels × (in·k·k)
+        out = F.FullyConnected(x, flat_weight, bias, no_bias=bias is None,
+                               num_hidden=self._channels, flatten=True)
+        return F.reshape(out, shape=(0, 0, 1, 1))
+
+
+def _conv_bn_relu(net, channels, kernel_size, in_channels, padding=0, whole_input=False):
+    layer = WholeInputConv2D if whole_input else nn.Conv2D
+    net.add(layer(channels, kernel_size=kernel_size, padding=padding, in_channels=in_channels))
     net.add(nn.BatchNorm(in_channels=channels))
     net.add(nn.Activation("relu"))
 
@@ -96,14 +116,18 @@ def make_fatt(num_classes, in_channels):
     return net
 
 
-def make_fsr(num_classes, kernel_size):
+def make_fsr(num_classes, kernel_size, fast=True):
     """fsr: Conv1×1→256,BN,ReLU; Conv1×1→512,BN,ReLU; Conv k×k→1024,BN,ReLU;
-    Dense(C). N×C×H×W attended features (k = (H, W)) → N×C stage scores."""
+    Dense(C). N×C×H×W attended features (k = (H, W)) → N×C stage scores.
+
+    ``fast`` computes the k×k convolution (which covers its whole input) as
+    one matrix product over the same parameter (:class:`WholeInputConv2D`);
+    ``fast=False`` is the plain ``nn.Conv2D``. Same parameter names and shapes."""
     net = nn.HybridSequential(prefix="fsr_")
     with net.name_scope():
         _conv_bn_relu(net, 256, 1, num_classes)
         _conv_bn_relu(net, 512, 1, 256)
-        _conv_bn_relu(net, 1024, kernel_size, 512)
+        _conv_bn_relu(net, 1024, kernel_size, 512, whole_input=fast)
         net.add(nn.Dense(num_classes, flatten=True, in_units=1024))
     return net
 
@@ -111,13 +135,13 @@ def make_fsr(num_classes, kernel_size):
 class StageHeads(HybridBlock):
     """fconv, fatt and fsr of one tap: N×C_tap×H×W → stage score N×C."""
 
-    def __init__(self, num_classes, tap_shape, **kwargs):
+    def __init__(self, num_classes, tap_shape, fast=True, **kwargs):
         super(StageHeads, self).__init__(**kwargs)
         channels, height, width = tap_shape
         with self.name_scope():
             self.fconv = make_fconv(num_classes, channels)
             self.fatt = make_fatt(num_classes, channels)
-            self.fsr = make_fsr(num_classes, (height, width))
+            self.fsr = make_fsr(num_classes, (height, width), fast=fast)
 
     def hybrid_forward(self, F, tap):
         attended = spatial_softmax(self.fatt(tap), F) * self.fconv(tap)
@@ -136,10 +160,15 @@ class AttributeModel(HybridBlock):
 
     ``net.backbone`` is the tap backbone; ``net.blocks()`` the original's
     blocks by file stem (one Trainer each in the original).
+
+    ``fast_heads`` (default True) computes the fsr k×k convolutions as matrix
+    products over the same parameters (:class:`WholeInputConv2D`); False is
+    the plain ``nn.Conv2D`` path (same names, shapes and files; equal numbers
+    within float32 round-off, tests/test_fast_path.py).
     """
 
     def __init__(self, num_classes, backbone=DEFAULT_BACKBONE, input_size=224, pretrained=False,
-                 ctx=None, **kwargs):
+                 ctx=None, fast_heads=True, **kwargs):
         super(AttributeModel, self).__init__(**kwargs)
         self.num_classes = num_classes
         self.input_size = input_size
@@ -147,9 +176,12 @@ class AttributeModel(HybridBlock):
         with self.name_scope():
             self.backbone = get_backbone(backbone, num_classes, pretrained=pretrained, ctx=ctx)
             shapes = tap_shapes(self.backbone, input_size)
-            self.stage_2 = StageHeads(num_classes, shapes[0], prefix="stage2_")
-            self.stage_3 = StageHeads(num_classes, shapes[1], prefix="stage3_")
-            self.stage_4 = StageHeads(num_classes, shapes[2], prefix="stage4_")
+            self.stage_2 = StageHeads(num_classes, shapes[0], fast=fast_heads,
+                                      prefix="stage2_")
+            self.stage_3 = StageHeads(num_classes, shapes[1], fast=fast_heads,
+                                      prefix="stage3_")
+            self.stage_4 = StageHeads(num_classes, shapes[2], fast=fast_heads,
+                                      prefix="stage4_")
         for stage in self.stage_heads():
             stage.collect_params().initialize(XAVIER, ctx=ctx)
 

@@ -126,7 +126,8 @@ class AttributeTask(TrainingTask):
         return self.net.blocks()
 
     def hybridize(self):
-        self.net.hybridize()  # the whole model as one graph
+        # the whole model as one graph; fixed input shapes, so static memory and shapes
+        self.net.hybridize(static_alloc=True, static_shape=True)
 
     def param_groups(self):
         return [ParamGroup(name, block.collect_params()) for name, block in self.blocks().items()
