@@ -68,6 +68,7 @@ def parse_args(argv):
                             help="default: the method's demo value")
     parser.add_argument("--nice", type=int, default=10)
     parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--report-only", action="store_true", help="tables from the finished runs only")
     args = parser.parse_args(argv)
     for key, value in (QUICK if args.quick else FULL).items():
         if getattr(args, key) is None:
@@ -130,6 +131,10 @@ def run_all(args, echo=print):
         for method in args.methods:
             for mode in args.modes:
                 if mode == "finetune" and method not in FINETUNABLE:
+                    continue
+                if args.report_only and not all(os.path.exists(os.path.join(
+                        args.out, "runs", "%s-%s-%s-s%d" % (method, mode, arm, seed), "test.json"))
+                        for arm in ("method", "baseline")):
                     continue
                 for arm in ("method", "baseline"):
                     jobs.append((method, mode, arm, seed,
