@@ -163,8 +163,8 @@ def report(args, results, argv, wall):
         for variant, runs in by_variant.items():
             values = {m: [r[1][m] for r in runs] for m in METRICS}
             summary.setdefault(imbalance, {})[variant] = dict(seeds=[r[0] for r in runs], **values)
-            rows.append(["`%s`" % variant, len(runs)] + [common.fmt(*common.mean_std(values[m]))
-                                                       if runs else "-" for m in METRICS])
+            rows.append(["`%s`" % variant, len(runs)] + [common.fmt_values(values[m]) if runs else "-"
+                                                       for m in METRICS])
         lines += [common.markdown_table(["variant", "n seeds"] + list(METRICS), rows), ""]
         pair_rows = []
         for a, b in comparisons(list(by_variant)):
@@ -174,9 +174,8 @@ def report(args, results, argv, wall):
                 continue
             cells = []
             for m in METRICS:
-                p = common.paired([ra[s][m] for s in seeds], [rb[s][m] for s in seeds])
-                cells.append("%+.4f ± %.4f (%d/%d, p %s)" % (p["mean"], p["std"], p["wins"], p["n"],
-                                                            "%.2f" % p["p"] if p["p"] == p["p"] else "-"))
+                cells.append(common.fmt_paired(common.paired([ra[s][m] for s in seeds],
+                                                             [rb[s][m] for s in seeds])))
             pair_rows.append(["`%s` − `%s`" % (a, b)] + cells)
         if pair_rows:
             lines += ["Paired per-seed differences (mean ± std of the differences; wins = seeds where the "

@@ -181,10 +181,10 @@ def report(args, results, argv, wall):
             cells = []
             for arm in ("method", "baseline"):
                 top1 = [v["top1"] for _, v in done[arm]]
-                cell = common.fmt(*common.mean_std(top1))
+                cell = common.fmt_values(top1)
                 if method == "centerloss":
-                    cell += " (compactness %s)" % common.fmt(*common.mean_std(
-                        [v["compactness"] for _, v in done[arm]]), digits=3)
+                    cell += " (compactness %s)" % common.fmt_values([v["compactness"] for _, v in done[arm]],
+                                                                    digits=3)
                 cells.append(cell)
                 summary.setdefault(method, {}).setdefault(mode, {})[arm] = dict(
                     seeds=[s for s, _ in done[arm]], top1=top1,
@@ -194,8 +194,7 @@ def report(args, results, argv, wall):
             seeds = sorted(set(a) & set(b))
             p = common.paired([a[s]["top1"] for s in seeds], [b[s]["top1"] for s in seeds])
             pair_rows.append(["%s vs %s (%s)" % (method, BASELINE_NAME[method], mode),
-                              "%+.4f ± %.4f (%d/%d, p %s)" % (p["mean"], p["std"], p["wins"], p["n"],
-                                                              "%.2f" % p["p"] if p["p"] == p["p"] else "-")])
+                              common.fmt_paired(p)])
     lines += [common.markdown_table(["method", "mode", "n seeds", "method top-1", "baseline top-1"], rows), "",
               "Paired per-seed differences of top-1 (method − baseline; wins/n; two-sided paired t-test):", "",
               common.markdown_table(["comparison", "Δ top-1"], pair_rows), ""]

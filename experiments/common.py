@@ -80,6 +80,21 @@ def fmt(mean, std, digits=4):
     return "%.*f ± %.*f" % (digits, mean, digits, std)
 
 
+def fmt_values(values, digits=4):
+    """'mean ± std' of per-seed values; a single value alone (no spread to show)."""
+    if len(values) == 1:
+        return "%.*f" % (digits, values[0])
+    return fmt(*mean_std(values), digits=digits)
+
+
+def fmt_paired(p):
+    """A ``paired`` result as 'Δ ± std (wins/n, p x)'; one seed: 'Δ (1 seed)'."""
+    if p["n"] == 1:
+        return "%+.4f (1 seed)" % p["mean"]
+    return "%+.4f ± %.4f (%d/%d, p %s)" % (p["mean"], p["std"], p["wins"], p["n"],
+                                          "%.2f" % p["p"] if p["p"] == p["p"] else "-")
+
+
 def paired(a, b):
     """Paired comparison of per-seed values ``a`` vs ``b`` (same seeds, same order).
 
