@@ -76,7 +76,7 @@ from .registry import DATASETS as DATASET_REGISTRY
 WIDER_ATTRIBUTES = ("Male", "longHair", "sunglass", "Hat", "Tshirt", "longSleeve", "formal",
                     "shorts", "jeans", "longPants", "skirt", "faceMask", "logo", "stripe")
 SPLITS = ("train", "val", "trainval", "test")
-DATASETS = ("wider", "peta", "pa100k", "fashion-mnist")
+DATASETS = ("wider", "peta", "pa100k", "fashion-mnist", "fashion-mnist-rare")
 # the original's ImageRecordIter: mean_r/g/b on 0-255 pixels, no std
 ORIGINAL_MEAN = (104.0, 117.0, 123.0)
 
@@ -472,10 +472,20 @@ class FashionMNISTAttributes(ArrayImageDataset):
     """Fashion-MNIST demo: 28×28 grey images as 3 channels, derived attributes (1/-1).
 
     split: train / val / trainval / test (training_runtime.fashion_mnist.split_arrays).
+    rare: the strongly imbalanced variant (dataset ``fashion-mnist-rare``): the
+    training split keeps only part of the images of the six classes behind the
+    10 % attributes, so those sit at 1-3 % (``fashion_attributes.rare_subsample``,
+    deterministic); the evaluation splits keep the natural rates, so the rare
+    attributes' APs are measured on as many positives as in the plain demo.
     """
 
-    def __init__(self, split="train", data_dir=None, limit=None):
-        images, classes = fashion_mnist.split_arrays(split, data_dir, limit)
+    def __init__(self, split="train", data_dir=None, limit=None, rare=False):
+        if rare and split in ("train", "trainval"):
+            images, classes = fashion_mnist.split_arrays(split, data_dir)
+            keep = fashion_attributes.rare_subsample(classes)
+            images, classes = images[keep][:limit], classes[keep][:limit]
+        else:
+            images, classes = fashion_mnist.split_arrays(split, data_dir, limit)
         labels = fashion_attributes.attribute_labels(classes).astype(np.float32)
         super(FashionMNISTAttributes, self).__init__(images, labels)
         self.attribute_names = fashion_attributes.ATTRIBUTE_NAMES
@@ -500,9 +510,9 @@ def get_dataset(name, data_dir, split, **opts):
         return PETA(data_dir, split, **opts)
     if name == "pa100k":
         return PA100K(data_dir, split, **opts)
-    if name == "fashion-mnist":
+    if name in ("fashion-mnist", "fashion-mnist-rare"):
         opts.pop("skip_bad_images", None)
-        return FashionMNISTAttributes(split, data_dir, **opts)
+        return FashionMNISTAttributes(split, data_dir, rare=name == "fashion-mnist-rare", **opts)
     raise UserError("--dataset: expected one of %s, got %r" % (", ".join(DATASETS), name))
 
 
@@ -592,3 +602,6 @@ _register("peta", summary="PETA.mat, 35-attribute protocol")
 _register("pa100k", summary="PA-100K annotation.mat")
 _register("fashion-mnist", demo=True, label_names=fashion_attributes.ATTRIBUTE_NAMES,
           summary="the embedded demo: attributes derived from Fashion-MNIST classes")
+_register("fashion-mnist-rare", demo=True, label_names=fashion_attributes.ATTRIBUTE_NAMES,
+          summary="the demo with its six 10 %% attributes subsampled to %s in training"
+          % "/".join("%g%%" % (100 * r) for r in fashion_attributes.RARE_RATES.values()))

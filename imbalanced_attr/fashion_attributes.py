@@ -36,3 +36,32 @@ def class_attributes():
 def attribute_labels(class_labels):
     """(N,) class indices -> (N, A) attribute labels in the WIDER convention (1 / -1)."""
     return class_attributes()[np.asarray(class_labels)] * 2 - 1
+
+
+# The strongly imbalanced variant (dataset ``fashion-mnist-rare``): target training positive
+# rate of each attribute that belongs to one class only; the four classes behind no such
+# attribute (T-shirt/top, pullover, shirt, sneaker) are kept whole.
+RARE_RATES = dict([("legwear", 0.01), ("one_piece", 0.015), ("open_toe", 0.02),
+                   ("ankle_high", 0.025), ("carried", 0.03), ("outerwear", 0.02)])
+
+
+def rare_subsample(class_labels):
+    """(N,) class indices -> (N,) bool mask keeping the rare variant's images.
+
+    Class c behind a RARE_RATES attribute keeps the fraction f_c of its images
+    that puts the attribute at its target rate (assuming the classes equally
+    frequent, as Fashion-MNIST's are), spread evenly over the file order (the
+    r-th image of the class is kept when floor((r + 1) f) > floor(r f)), so any
+    prefix (``limit``) has about the same rates. Deterministic.
+    """
+    classes = np.asarray(class_labels)
+    rates = dict((dict(ATTRIBUTES)[name][0], rate) for name, rate in RARE_RATES.items())
+    kept_whole = len(CLASSES) - len(rates)
+    total = kept_whole / (1.0 - sum(rates.values()))  # in units of one class's size
+    keep = np.ones(len(classes), bool)
+    for c, rate in rates.items():
+        where = np.flatnonzero(classes == c)
+        rank = np.arange(len(where))
+        fraction = rate * total
+        keep[where] = np.floor((rank + 1) * fraction) > np.floor(rank * fraction)
+    return keep

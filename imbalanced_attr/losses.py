@@ -158,6 +158,12 @@ class WeightedFocalLoss(_AttributeLoss):
         ops instead of the original's naive 1 / (1 + exp(-x)) with 1e-12, so
         saturated logits keep finite, uncapped gradients (the original's are
         NaN below x = -88.7).
+    weighted : bool
+        True (default): the published focal and class weighting. False (the
+        ablation's "history only" variant, ``--loss history``): the same
+        published form without either weighting, i.e. the unweighted BCE
+        -(y log(p + 1e-12) + (1-y) log(1-p + 1e-12)); batch_ratios and gamma
+        are then unused.
 
     ``label_mask`` (optional, N x C, 1 = counted, 0 = left out): the loss is the
     mean over the counted attributes of each sample (0 if none is counted); this
@@ -165,8 +171,10 @@ class WeightedFocalLoss(_AttributeLoss):
     hybridized, call an instance always with or always without the mask.
     """
 
-    def __init__(self, batch_ratios, gamma=2.0, plain_bce=False, stable=False, **kwargs):
+    def __init__(self, batch_ratios, gamma=2.0, plain_bce=False, stable=False, weighted=True,
+                 **kwargs):
         super(WeightedFocalLoss, self).__init__(plain_bce, stable, **kwargs)
+        self._weighted = bool(weighted)
         ratios = np.asarray(batch_ratios.asnumpy() if isinstance(batch_ratios, nd.NDArray)
                             else batch_ratios, dtype=np.float32)
         if ratios.ndim != 1 or ratios.size == 0 or not np.all(np.isfinite(ratios)):
@@ -176,8 +184,8 @@ class WeightedFocalLoss(_AttributeLoss):
         self._num_attributes = ratios.size
         # The plain BCE does not use the ratios: no constant then (a hybridized graph would
         # warn about an unused parameter).
-        self.batch_ratios = None if self._plain_bce else self.params.get_constant(
-            "batch_ratios", ratios)
+        unused = self._plain_bce or not self._weighted
+        self.batch_ratios = None if unused else self.params.get_constant("batch_ratios", ratios)
 
     def forward(self, logits, labels, label_mask=None):
         _check_loss_inputs("WeightedFocalLoss", logits, labels, [("label_mask", label_mask)])
@@ -202,6 +210,8 @@ class WeightedFocalLoss(_AttributeLoss):
     def hybrid_forward(self, F, logits, labels, label_mask=None, batch_ratios=None):
         def focal(labels):
             p, log_p, log_not_p = _probability_terms(F, logits, self._stable)
+            if not self._weighted:  # published form without focal / class weighting
+                return -(log_p * labels + log_not_p * (1. - labels))
             # exp(1 - b) for a positive, exp(b) for a negative (IL-4); a constant: no gradient.
             weights = F.exp(F.broadcast_add(labels, F.broadcast_mul(
                 1 - labels * 2, F.reshape(batch_ratios, (1, -1)))))

@@ -8,7 +8,12 @@ fatt, fsr of each stage) sharing the plateau lr rule, validation mAP
 
 Knobs (the run definition's model options): ``loss`` 'paper' (the published
 weighted focal loss and history-weighted attention losses, default) or
-'original' (the plain sigmoid BCE the original script actually ran, IL-1);
+'original' (the plain sigmoid BCE the original script actually ran, IL-1),
+and the ablation's single components 'focal' (weighted focal main loss,
+unweighted attention BCE) and 'history' (unweighted main BCE,
+history-weighted attention losses); ``history_start`` / ``history_weight_epoch``
+(first epoch, 0-based, that records the prediction history / weights the
+attention losses: 2 and 5 as the original, IL-10);
 ``stable_sigmoid`` (sigmoid / log-sigmoid ops instead of the naive
 1/(1+exp(-x)) whose gradient is NaN below -88.7, IL-3); ``normalize``
 'original' (Caffe means on 0-255) or 'imagenet'; ``mask_unspecified`` (leave
@@ -114,6 +119,9 @@ class AttributeTask(TrainingTask):
         self.normalize = options["normalize"]
         self.mask_unspecified = bool(options["mask_unspecified"])
         self.finetune = bool(options["finetune"])
+        # .get: runs saved before these knobs existed used the original's schedule
+        self.history_start = int(options.get("history_start", 2))
+        self.history_weight_epoch = int(options.get("history_weight_epoch", 5))
         self.ctx = ctx
         self.net = AttributeModel(len(self.attribute_names), backbone=model.backbone,
                                   input_size=self.image_size, pretrained=bool(model.pretrained), ctx=ctx)
@@ -145,9 +153,12 @@ class AttributeTask(TrainingTask):
         else:
             ratios = losses.batch_ratios_from_labels(targets, self.attribute_names)
         plain = self.loss_mode == "original"
-        self.main_loss = losses.WeightedFocalLoss(ratios, plain_bce=plain, stable=self.stable)
+        self.main_loss = losses.WeightedFocalLoss(ratios, plain_bce=plain, stable=self.stable,
+                                                  weighted=self.loss_mode != "history")
         self.attention_loss = losses.AttentionHistoryLoss(plain_bce=plain, stable=self.stable)
-        self.history = losses.PredictionHistory(len(train_set), len(self.attribute_names), ctx=self.ctx[0])
+        self.history = losses.PredictionHistory(len(train_set), len(self.attribute_names),
+                                                start_epoch=self.history_start,
+                                                weight_epoch=self.history_weight_epoch, ctx=self.ctx[0])
 
     def check_evaluation_split(self, dataset):
         """An attribute never specified in an evaluation split has no AP (the validation
@@ -166,7 +177,7 @@ class AttributeTask(TrainingTask):
         mask = mask if self.mask_unspecified else None
         logits, scores = self.net(data)
         std_weights = None
-        if self.loss_mode == "paper":
+        if self.loss_mode in ("paper", "history"):
             std_weights = self.history.std_weights(index, epoch, ctx=data.context)
         loss = None
         for score in scores:
@@ -245,8 +256,15 @@ METHODS.register(MethodEntry(
     "attention", build=lambda model, names, ctx: AttributeTask(model, names, ctx),
     knobs=(
         Knob("loss", str, "paper", "paper: weighted focal + history-weighted attention losses; "
-             "original: plain sigmoid BCE on every branch, as the original script ran",
-             choices=("paper", "original")),
+             "original: plain sigmoid BCE on every branch, as the original script ran; "
+             "focal / history: one published component alone (ablation): focal = weighted focal "
+             "main loss + unweighted attention BCE, history = unweighted main BCE + "
+             "history-weighted attention losses",
+             choices=("paper", "original", "focal", "history")),
+        Knob("history_start", int, 2, "first epoch (0-based) that records the prediction history "
+             "(the original's 2; scale down for short runs)", minimum=0),
+        Knob("history_weight_epoch", int, 5, "first epoch (0-based) whose attention losses are "
+             "weighted by the history's std (the original's 5)", minimum=0),
         Knob("stable_sigmoid", bool, False, "compute the losses' sigmoid and logs with sigmoid/"
              "log-sigmoid ops (finite gradients for any logit) instead of the original's naive "
              "1/(1+exp(-x)), whose gradient is NaN below -88.7 (a deviation, off by default)"),
