@@ -73,19 +73,19 @@ def test_a_plotting_failure_is_a_warning(tmp_path):
 
 
 def test_a_logged_run_shows_lines_speed_eta_and_writes_the_figures(tmp_path, fashion_mnist_dir):
-    """train_attr.py with stderr to a pipe (not a terminal): 4 steps per epoch, 2 epochs."""
+    """train_attr.py with stderr to a pipe (not a terminal): one epoch of 3 steps."""
     save_dir = str(tmp_path / "run")
-    proc = run_script("train_attr.py", ["--train-limit", "64", "--val-limit", "32", "--test-limit", "48",
-                                        "--batch-size", "16", "--lr", "0.01", "--epochs", "2",
+    proc = run_script("train_attr.py", ["--train-limit", "48", "--val-limit", "16", "--test-limit", "48",
+                                        "--batch-size", "16", "--lr", "0.01", "--epochs", "1",
                                         "--seed", "3", "--log-every", "1", "--save-dir", save_dir])
     assert "devices: cpu(0); batch per device 16, effective batch 16" in proc.stdout
     lines = [LINE.match(line) for line in proc.stderr.splitlines()]
     lines = [m for m in lines if m]
-    assert [int(m.group(4)) for m in lines] == list(range(1, 9)), proc.stderr[-2000:]
+    assert [int(m.group(4)) for m in lines] == list(range(1, 4)), proc.stderr[-2000:]
     for m in lines:
-        assert int(m.group(3)) == 4 and int(m.group(5)) == 8 and float(m.group(7)) > 0
+        assert int(m.group(3)) == 3 and int(m.group(5)) == 3 and float(m.group(7)) > 0
         assert m.group(8) != "?" and m.group(9) != "?"
-    assert [r["step"] for r in steps_records(save_dir)] == list(range(1, 9))
+    assert [r["step"] for r in steps_records(save_dir)] == list(range(1, 4))
     for name in (loop.CURVES_FILE, "test_ap.png", "test_pr.png"):
         assert_png_with_content(os.path.join(save_dir, name))
     assert "warning" not in proc.stdout + proc.stderr

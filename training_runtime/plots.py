@@ -99,7 +99,7 @@ def ap_bars(path, names, aps, rates):
     ax.set_xticklabels([names[k] for k in order], rotation=60, ha="right", fontsize=8)
     ax.set_ylim(0, 1.1)
     ax.set_ylabel("test AP")
-    ax.set_title("AP per attribute, rarest first (positive rate above each bar); mAP %.4f" % aps.mean())
+    ax.set_title("test AP per attribute, rarest first\n(positive rate above each bar); mAP %.4f" % np.nanmean(aps))
     _save(fig, path)
 
 
@@ -110,7 +110,7 @@ def pr_curves(path, names, curves_by_name):
     cmap = plt.get_cmap("tab20")
     for i, name in enumerate(names):
         recall, precision, ap = curves_by_name[name]
-        ax.step(recall, precision, where="post", color=cmap(i % 20), lw=1,
+        ax.step(recall, precision, where="pre", color=cmap(i % 20), lw=1,
                 label="%s (AP %.2f)" % (name, ap))
     ax.set_xlabel("recall")
     ax.set_ylabel("precision")
