@@ -66,6 +66,16 @@ def test_steps_jsonl_every_log_step_and_truncated_on_resume(tmp_path):
     np.testing.assert_allclose([r["loss"] for r in got], [r["loss"] for r in ref], rtol=1e-6)
 
 
+def test_curves_draw_every_validation_metric(tmp_path):
+    """S3N-like metrics (top-1 per branch), no steps.jsonl (a run from before it)."""
+    epochs = [{"epoch": e, "lr": 0.01, "train_loss": 2.0 - e,
+               "val": {"top1": 0.1 * e, "top1_raw": 0.05 * e, "top1_object": 0.2, "note": "x"}}
+              for e in range(3)]
+    path = str(tmp_path / "curves.png")
+    assert plots.curves(path, epochs, []) == ["top1", "top1_object", "top1_raw"]
+    assert_png_with_content(path)
+
+
 def test_a_plotting_failure_is_a_warning(tmp_path):
     messages = []
     plots.safely(plots.curves, str(tmp_path / "no" / "such" / "dir.png"), [], [], log=messages.append)

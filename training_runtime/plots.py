@@ -52,7 +52,8 @@ def smooth(values, weight=0.6):
 
 def curves(path, epoch_records, step_records):
     """curves.png. epoch_records: metrics.jsonl records (epoch, lr, train_loss, val:
-    {name: float}); step_records: steps.jsonl records (step, epoch, loss, lr)."""
+    {name: float}); step_records: steps.jsonl records (step, epoch, loss, lr).
+    Returns the validation metrics drawn (every numeric one present)."""
     plt = _pyplot()
     fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(11, 4))
     if step_records:
@@ -82,6 +83,7 @@ def curves(path, epoch_records, step_records):
     if keys:
         ax_metric.legend(fontsize="small")
     _save(fig, path)
+    return keys
 
 
 def ap_bars(path, names, aps, rates):
