@@ -32,6 +32,7 @@ import numpy as np
 from mxnet.gluon import HybridBlock
 
 from training_runtime.images import IMAGENET_MEAN, IMAGENET_STD
+from training_runtime import plots
 from training_runtime.registry import Knob, MethodEntry
 from training_runtime.task import ParamGroup, TrainingTask
 
@@ -97,6 +98,35 @@ def normalisation_info(normalize, input_size):
             "resize": "resize to %d×%d (aspect ratio not kept, area interpolation), then the "
                       "center %d×%d crop" % (resize, resize, input_size, input_size),
             "normalization": dict(norm, name=normalize)}
+AP_FILE = "test_ap.png"
+PR_FILE = "test_pr.png"
+
+
+def precision_recall(labels, scores):
+    """Precision–recall points of one attribute. labels: (N,) in {-1, 0, 1} (0 =
+    unspecified, left out); scores: (N,). Returns (recall (T,), precision (T,)),
+    one point per distinct score threshold, highest first, starting at recall 0."""
+    keep = labels != 0
+    positive, scores = (labels[keep] == 1).astype(np.float64), scores[keep]
+    order = np.argsort(-scores, kind="stable")
+    positive, ranked = positive[order], scores[order]
+    true_pos = np.cumsum(positive)
+    last = np.r_[ranked[1:] != ranked[:-1], True] if len(ranked) else np.zeros(0, bool)
+    tp, ranks = true_pos[last], np.arange(1, len(ranked) + 1)[last]
+    recall = tp / max(positive.sum(), 1.0)
+    precision = tp / ranks
+    return np.r_[0.0, recall], np.r_[precision[:1] if len(precision) else [1.0], precision]
+
+
+def write_test_figures(save_dir, names, labels, probs, report, log=print):
+    """test_ap.png (AP bars sorted by positive rate) and test_pr.png (precision–recall per
+    attribute) in ``save_dir``; labels, probs: (N, C). A failure is a logged warning."""
+    aps = report["APs"]
+    plots.safely(plots.ap_bars, os.path.join(save_dir, AP_FILE), list(names), aps,
+                 report["positive_rates"], log=log)
+    curves = {name: precision_recall(labels[:, c], probs[:, c]) + (aps[c],)
+              for c, name in enumerate(names)}
+    plots.safely(plots.pr_curves, os.path.join(save_dir, PR_FILE), list(names), curves, log=log)
 
 
 class AttributeTask(TrainingTask):
@@ -223,7 +253,10 @@ class AttributeTask(TrainingTask):
 
     def test_report(self, batches, epoch, out=sys.stdout):
         labels, probs = self._labels_and_probs(batches, epoch)
-        return test_report(self.attribute_names, labels, probs, out)
+        report = test_report(self.attribute_names, labels, probs, out)
+        if getattr(self, "figure_dir", None):
+            write_test_figures(self.figure_dir, self.attribute_names, labels, probs, report)
+        return report
 
     def pictures(self, batches, directory, epoch):
         """RUN/pictures/attention_epoch<N>.png (:mod:`imbalanced_attr.explain`)."""

@@ -44,7 +44,8 @@ from mxnet import autograd, gluon
 from mxnet.gluon.contrib.nn import SyncBatchNorm
 from tqdm import tqdm
 
-from . import checkpoint, distributed
+from . import checkpoint, distributed, plots
+from .progress import EpochProgress, StepLog, start_line
 from .errors import RunInterrupted, UserError, writing
 from .task import ParamGroup  # noqa: F401  (re-exported: its historical home)
 
@@ -307,28 +308,9 @@ class MetricsLog(object):
             self.plot()
 
     def plot(self):
-        import matplotlib  # imported on first use: it costs a second at start-up
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        records = self.read()
-        epochs = [r["epoch"] for r in records]
-        metric_keys = sorted({k for r in records for k, v in r.get("val", {}).items()
-                              if isinstance(v, (int, float))})
-        fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(10, 4))
-        ax_loss.plot(epochs, [r["train_loss"] for r in records], "o-", label="train loss")
-        ax_loss.set_xlabel("epoch")
-        ax_loss.legend()
-        for key in metric_keys:
-            ax_metric.plot(epochs, [r["val"].get(key, float("nan")) for r in records], "o-", label=key)
-        ax_metric.set_xlabel("epoch")
-        if metric_keys:
-            ax_metric.legend()
-        fig.tight_layout()
-        try:
-            with checkpoint.replaced_atomically(self.curves) as tmp:
-                fig.savefig(tmp, format="png")
-        finally:
-            plt.close(fig)
+        """curves.png (training_runtime.plots.curves); a failure is a logged warning."""
+        steps = StepLog(os.path.dirname(self.path), self.log)
+        plots.safely(lambda: plots.curves(self.curves, self.read(), steps.read()), log=self.log)
 
 
 def make_trainer(params, optim, optimizer_params=None):
@@ -400,6 +382,7 @@ class Runner(object):
         kv = distributed.kvstore(self.runtime.kvstore)
         self.reducer = distributed.GradientReducer(kv, self.trainers) if kv is not None else None
         self.metrics = MetricsLog(save_dir, log)
+        self.steps_log = StepLog(save_dir, log)
         #: () -> dict merged into every metrics.jsonl record (e.g. skipped-image counts)
         self.extra_record = extra_record or dict
         self._signal = None
@@ -456,6 +439,7 @@ class Runner(object):
         self.epoch_time = progress["epoch_time"]
         if self.rank == 0:
             self.metrics.truncate(self.epoch)
+            self.steps_log.truncate(self.step)
         self.log("resumed from %s at epoch %d, step %d" % (path, self.epoch, self.step))
 
     # ---- training ---------------------------------------------------------
@@ -615,8 +599,18 @@ class Runner(object):
         finally:
             self._restore_signal_handlers()
 
+    def _run_steps(self):
+        """The number of steps the whole run makes (epochs and --max-steps)."""
+        per_epoch = len(batch_indices(np.arange(len(self.train_set)),
+                                      self.runtime.batch_size * self.num_workers, 0,
+                                      min_batch=len(self.ctx) * self.num_workers))
+        total = per_epoch * self.optim.epochs
+        return min(total, self.runtime.max_steps) if self.runtime.max_steps else total
+
     def _run(self):
         runtime = self.runtime
+        self.log(start_line(self.ctx, runtime.batch_size))
+        run_steps = self._run_steps()
         while self.epoch < self.optim.epochs and self._steps_left() > 0:
             self._segment_start = time.time()
             self.schedule.start_epoch(self.epoch)
@@ -627,7 +621,8 @@ class Runner(object):
                                         min_batch=len(self.ctx) * self.num_workers)
             batches = all_batches[self.batch_in_epoch:]
             batches = batches[:min(len(batches), self._steps_left())]
-            bar = progress_bar(len(all_batches), "epoch %d" % self.epoch, self.batch_in_epoch)
+            bar = EpochProgress(self.epoch, len(all_batches), self.batch_in_epoch, self.step, run_steps)
+            logged_sum, logged_count = self.monitor.loss_sum, self.monitor.count
             batch_iter = iter(self._loader(batches))
             for _ in batches:
                 if self._signal is not None:
@@ -646,12 +641,17 @@ class Runner(object):
                 self.step += 1
                 self.batch_in_epoch += 1
                 self.monitor.add(self.step, step_sum, batch[0].shape[0])
-                bar.update(1)
+                bar.update(batch[0].shape[0])
                 for callback in self.callbacks:
                     callback.on_step_end(self)
                 if self.step % runtime.log_every == 0:
                     self.monitor.check()
-                    bar.set_postfix(loss="%.4f" % self.monitor.mean)
+                    count = self.monitor.count - logged_count
+                    loss = (self.monitor.loss_sum - logged_sum) / count if count else float("nan")
+                    logged_sum, logged_count = self.monitor.loss_sum, self.monitor.count
+                    line = bar.logged(self.batch_in_epoch, self.step, loss, self.schedule.lr)
+                    if self.rank == 0:  # one steps.jsonl per run
+                        self.steps_log.append(line)
                 if self._signal is not None and self.batch_in_epoch < len(all_batches):
                     self._stop_for_signal()
                 if (runtime.checkpoint_every and self.step % runtime.checkpoint_every == 0
