@@ -83,6 +83,7 @@ class BaselineMethod(FGVCTask):
 
     def inference_block(self, epoch):
         return InferenceBranch(lambda F, x, net: net(x), self.net, prefix="exported_")
+
     def pictures(self, batches, directory, epoch):
         """RUN/pictures/cam_epoch<N>.png: class activation maps of the true and the predicted class
         (:mod:`fgvc_gluon.pictures`)."""

@@ -195,6 +195,7 @@ class CenterLossMethod(FGVCTask):
 
     def inference_block(self, epoch):
         return InferenceBranch(lambda F, x, net: net(x)[1], self.net, prefix="exported_")
+
     def pictures(self, batches, directory, epoch):
         """RUN/pictures/centerloss_epoch<N>.png: features by class with the centers (PCA above 2-D)
         (:mod:`fgvc_gluon.pictures`)."""

@@ -372,6 +372,7 @@ class MCLossMethod(FGVCTask):
         """The evaluation path of MCNetwork (logits only) as one HybridBlock."""
         return InferenceBranch(lambda F, x, features, classifier: classifier(features(x)),
                                self.net.features, self.net.classifier, prefix="exported_")
+
     def pictures(self, batches, directory, epoch):
         """RUN/pictures/mcloss_epoch<N>.png: the channel groups of the true and the predicted class
         (:mod:`fgvc_gluon.pictures`)."""

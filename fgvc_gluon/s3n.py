@@ -735,6 +735,7 @@ class S3NMethod(FGVCTask):
         return ("raw", RawBranch(self.net),
                 "the raw branch only (backbone, global average pool, raw classifier): N×K logits "
                 "of predict's 'raw' output; the sampler, zoom and complementary branches are missing")
+
     def pictures(self, batches, directory, epoch):
         """RUN/pictures/s3n_epoch<N>.png: inputs, class response maps with peaks, zoomed and complementary samples
         (:mod:`fgvc_gluon.pictures`)."""

@@ -35,7 +35,7 @@ What the runtime calls, in order:
    -> JSON-able dict of the final test, printed to ``out``;
 10. export (``python -m training_runtime.export``): ``inference_block(epoch)``,
     ``inference_subnetwork(epoch)`` and ``export_info()``.
-10. ``pictures(batches, directory, epoch)``: after every evaluation, on the
+11. ``pictures(batches, directory, epoch)``: after every evaluation, on the
    first ``picture_images`` images of the evaluation split, write pictures of
    what the model learned into ``directory`` (optional; a failure is a
    warning, never the end of a run).
