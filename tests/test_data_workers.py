@@ -65,7 +65,7 @@ def _alive(pid):
         return False
 
 
-ATTR = ["--train-limit", "64", "--val-limit", "16", "--test-limit", "16", "--batch-size", "16",
+ATTR = ["--picture-images", "0", "--train-limit", "64", "--val-limit", "16", "--test-limit", "16", "--batch-size", "16",
         "--lr", "0.01", "--epochs", "1", "--seed", "3", "--max-steps", "4", "--checkpoint-every", "2"]
 
 

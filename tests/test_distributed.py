@@ -13,7 +13,7 @@ import pytest
 from resume_harness import ROOT, params_of, run_script
 from training_runtime import checkpoint, distributed
 
-TINY = ["--train-limit", "32", "--val-limit", "16", "--test-limit", "16", "--seed", "1",
+TINY = ["--picture-images", "0", "--train-limit", "32", "--val-limit", "16", "--test-limit", "16", "--seed", "1",
         "--epochs", "1", "--batchnorm", "frozen", "--image-size", "32"]
 
 

@@ -16,9 +16,9 @@ from training_runtime.errors import UserError
 
 SPLITS = ["train", "val", "test"]
 NUM_ATTRIBUTES = len(fashion_attributes.ATTRIBUTE_NAMES)
-ATTR_TINY = ["--train-limit", "64", "--val-limit", "32", "--test-limit", "32", "--batch-size", "16",
+ATTR_TINY = ["--picture-images", "0", "--train-limit", "64", "--val-limit", "32", "--test-limit", "32", "--batch-size", "16",
              "--lr", "0.01", "--epochs", "1", "--max-steps", "4", "--seed", "3"]
-FGVC_TINY = ["--method", "mcloss", "--train-limit", "64", "--val-limit", "32", "--test-limit", "32",
+FGVC_TINY = ["--picture-images", "0", "--method", "mcloss", "--train-limit", "64", "--val-limit", "32", "--test-limit", "32",
              "--batch-size", "16", "--epochs", "1", "--max-steps", "4", "--seed", "1"]
 
 

@@ -20,7 +20,7 @@ from training_runtime.errors import UserError
 
 SCRIPT = "train_fgvc.py"
 STEPS_PER_EPOCH = 6
-TINY = ["--train-limit", "96", "--val-limit", "48", "--test-limit", "48", "--batch-size", "16",
+TINY = ["--picture-images", "0", "--train-limit", "96", "--val-limit", "48", "--test-limit", "48", "--batch-size", "16",
         "--seed", "1", "--checkpoint-every", "4"]
 #: per method: epochs, extra flags (on top of the demo defaults), step after which the run is killed
 METHOD_RUNS = {

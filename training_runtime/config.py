@@ -125,6 +125,10 @@ class RuntimeConfig:
                                    minimum=0, resumable=True)
     max_steps: int = _field(0, "stop after N training steps in total (smoke runs; 0: no limit); "
                                "still evaluates and writes a checkpoint", minimum=0, resumable=True)
+    picture_images: Optional[int] = _field(None, "validation images the method's pictures show after "
+                                                 "each evaluation, in RUN/pictures (default: the "
+                                                 "method's own number; 0: no pictures)", minimum=0,
+                                           resumable=True, test=True)
     log_every: int = _field(20, "check the loss for NaN/inf and update the progress every K steps",
                             positive=True, resumable=True, test=True)
 

@@ -494,7 +494,8 @@ class Runner(object):
         metrics = {k: float(v) if isinstance(v, (int, float, np.number)) else v
                    for k, v in evaluate(self.task, self.val_set, self.ctx, self.config, self.epoch).items()}
         value = metrics[self.task.metric_name]
-        self._pictures()
+        if self.rank == 0:  # one writer of RUN/pictures
+            self._pictures()
         # a partial epoch's evaluation never sets the best of the full epochs
         improved = value > self.best and not partial
         if improved:
@@ -519,7 +520,10 @@ class Runner(object):
     def _pictures(self):
         """``task.pictures`` on the evaluation split's first ``picture_images`` images into
         RUN/pictures; any failure is a warning (pictures never end a run)."""
-        count = min(len(self.val_set), int(getattr(self.task, "picture_images", 0) or 0))
+        wanted = self.runtime.picture_images
+        if wanted is None:
+            wanted = int(getattr(self.task, "picture_images", 0) or 0)
+        count = min(len(self.val_set), wanted)
         if count <= 0:
             return
         try:
