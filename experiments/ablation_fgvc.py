@@ -32,7 +32,6 @@ import argparse
 import json
 import os
 import sys
-import time
 
 import numpy as np
 
@@ -240,13 +239,7 @@ def features_figure(args, path):
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = parse_args(argv)
-    start = time.time()
-    results = run_all(args)
-    table, plot = report(args, results, argv, time.time() - start)
-    print("wrote %s and %s" % (table, plot))
-    return table, plot
+    return common.harness_main(parse_args, run_all, report, argv)
 
 
 if __name__ == "__main__":

@@ -195,3 +195,15 @@ def map_jobs(function, items, jobs):
     from concurrent.futures import ThreadPoolExecutor
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         return list(pool.map(function, items))
+
+
+def harness_main(parse_args, run_all, report, argv=None):
+    """The harnesses' command line: parse ``argv``, run (skipping finished runs), write the
+    table and plot; returns their paths."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    start = time.time()
+    results = run_all(args)
+    table, plot = report(args, results, argv, time.time() - start)
+    print("wrote %s and %s" % (table, plot))
+    return table, plot

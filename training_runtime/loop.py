@@ -29,7 +29,6 @@ tests' kill, NaN and fault hooks are callbacks (tests/hooks.py).
 """
 import collections
 import ctypes
-import json
 import math
 import os
 import random
@@ -45,7 +44,7 @@ from mxnet.gluon.contrib.nn import SyncBatchNorm
 from tqdm import tqdm
 
 from . import checkpoint, distributed, plots
-from .progress import EpochProgress, StepLog, start_line
+from .progress import EpochProgress, RecordLog, StepLog, start_line
 from .errors import RunInterrupted, UserError, writing
 from .task import ParamGroup  # noqa: F401  (re-exported: its historical home)
 
@@ -263,7 +262,7 @@ class LossMonitor(object):
         return self.loss_sum / self.count if self.count else float("nan")
 
 
-class MetricsLog(object):
+class MetricsLog(RecordLog):
     """metrics.jsonl (one JSON line per epoch) and the training-curves PNG.
 
     A torn last line (a kill in the middle of an append) is dropped on reading
@@ -271,39 +270,15 @@ class MetricsLog(object):
     """
 
     def __init__(self, save_dir, log=print):
-        self.path = os.path.join(save_dir, METRICS_FILE)
+        super(MetricsLog, self).__init__(os.path.join(save_dir, METRICS_FILE), log)
         self.curves = os.path.join(save_dir, CURVES_FILE)
-        self.log = log
-
-    def read(self):
-        if not os.path.exists(self.path):
-            return []
-        with open(self.path) as f:
-            lines = [line for line in f.read().split("\n") if line.strip()]
-        records = []
-        for number, line in enumerate(lines, 1):
-            try:
-                records.append(json.loads(line))
-            except ValueError:
-                if number == len(lines):
-                    self.log("%s: dropped a torn last line (a run killed while writing it)" % self.path)
-                    break
-                raise UserError("%s: line %d: expected one JSON record per line, got %r"
-                                % (self.path, number, line[:60]))
-        return records
 
     def truncate(self, epoch):
         """Drop the lines of ``epoch`` and later (a resumed run writes them again)."""
-        keep = [r for r in self.read() if r["epoch"] < epoch]
-        with writing(self.path), checkpoint.replaced_atomically(self.path) as tmp:
-            with open(tmp, "w") as f:
-                f.writelines(json.dumps(r) + "\n" for r in keep)
+        self.keep(lambda r: r["epoch"] < epoch)
 
     def append(self, record):
-        with writing(self.path):
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-                f.flush()
+        super(MetricsLog, self).append(record)
         with writing(self.curves):
             self.plot()
 

@@ -44,11 +44,15 @@ def is_terminal(stream=None):
         return False
 
 
-class StepLog(object):
-    """``steps.jsonl``: one JSON record per logged step (see the module docstring)."""
+class RecordLog(object):
+    """A JSON-lines file of records, appended one by one and truncated on resume.
 
-    def __init__(self, save_dir, log=print):
-        self.path = os.path.join(save_dir, STEPS_FILE)
+    A torn last line (a run killed while writing it) is dropped and reported
+    through ``log``; a damaged earlier line is a UserError.
+    """
+
+    def __init__(self, path, log=print):
+        self.path = path
         self.log = log
 
     def read(self):
@@ -68,20 +72,30 @@ class StepLog(object):
                                 % (self.path, number, line[:60]))
         return records
 
-    def truncate(self, step):
-        """Keep the records of steps <= ``step`` (a resumed run writes the later ones again)."""
-        if not os.path.exists(self.path):
-            return
-        keep = [r for r in self.read() if r["step"] <= step]
+    def keep(self, wanted):
+        """Rewrite the file atomically with the records for which ``wanted(record)`` is true."""
+        kept = [r for r in self.read() if wanted(r)]
         with writing(self.path), checkpoint.replaced_atomically(self.path) as tmp:
             with open(tmp, "w") as f:
-                f.writelines(json.dumps(r) + "\n" for r in keep)
+                f.writelines(json.dumps(r) + "\n" for r in kept)
 
     def append(self, record):
         with writing(self.path):
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
                 f.flush()
+
+
+class StepLog(RecordLog):
+    """``steps.jsonl``: one JSON record per logged step (see the module docstring)."""
+
+    def __init__(self, save_dir, log=print):
+        super(StepLog, self).__init__(os.path.join(save_dir, STEPS_FILE), log)
+
+    def truncate(self, step):
+        """Keep the records of steps <= ``step`` (a resumed run writes the later ones again)."""
+        if os.path.exists(self.path):
+            self.keep(lambda r: r["step"] <= step)
 
 
 class EpochProgress(object):
