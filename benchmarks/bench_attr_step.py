@@ -11,6 +11,8 @@ affects every side alike), on random data (N×3×S×S normal, labels in
   ``--loss`` (``paper`` runs at epoch 6: history recorded and weighting on);
   with ``--loss paper`` also ``ours-original`` (the same with ``--loss
   original``): the loss and history's share.
+- ``before``: ours as it was before ``training_runtime.optim`` (the same
+  Runner with mxnet's SGD in every trainer: multi_sgd_mom_update in groups of 4).
 - ``original``: a plain-Gluon re-creation of the original's step (docs/SPEC.md
   §1; written here from the spec, not copied): a ``SymbolBlock`` over the zoo
   ResNet's internal taps, heads as imperative ``nn.Sequential`` blocks,
@@ -23,11 +25,12 @@ affects every side alike), on random data (N×3×S×S normal, labels in
   of the task's loss, the backbone trainer's update, the heads' trainers'
   updates; and forward+backward of the backbone alone.
 - ``floor``: the ResNet step alone (zoo net with a C-way output, hybridized,
-  its own SGD update) + one ``sgd_mom_update`` over a flat array of the
-  heads' parameter count + the fsr whole-input layers as plain matrix
-  products with 2-D weights (forward, dW, dX; the weight traffic bound).
+  its own SGD update) + ``sgd_mom_update`` over flat arrays of the heads'
+  parameter count (4 equal slices: the same bytes, a quarter of the memory)
+  + the fsr whole-input layers as plain matrix products with 2-D weights
+  (forward, dW, dX on views of ours' weights: the weight traffic bound).
 
-Then (unless ``--no-memory``) the peak resident memory (VmHWM) of a training
+First (unless ``--no-memory``) the peak resident memory (VmHWM) of a training
 step and of an evaluation (``task.predict`` as ``evaluate`` calls it: no
 ``autograd.record``, predict mode, so no graph is kept), each in its own
 process.
@@ -111,6 +114,19 @@ def build_ours(args, loss, workdir):
 def ours_step(runner, batch):
     runner.train_step(batch)
     mx.nd.waitall()
+
+
+def before_step(runner, batch):
+    """Ours as it was before training_runtime.optim: the same Runner and parameters with
+    every trainer on mxnet's SGD (multi_sgd_mom_update in groups of 4; same numbers)."""
+    for trainer in runner.trainers.values():
+        trainer._optimizer.__class__ = mx.optimizer.SGD
+        trainer._optimizer.aggregate_num = 4
+    try:
+        ours_step(runner, batch)
+    finally:
+        for trainer in runner.trainers.values():
+            optim.upgrade(trainer)
 
 
 def ours_breakdown(runner, batch):
@@ -359,12 +375,15 @@ def main():
     parser.add_argument("--loss", default="original", choices=("original", "paper"),
                         help="ours' --loss (paper: at epoch %d, history weighting on)" % HISTORY_EPOCH)
     parser.add_argument("--no-original", action="store_true", help="skip the original's step")
+    parser.add_argument("--no-before", action="store_true", help="skip ours with mxnet's SGD")
     parser.add_argument("--no-floor", action="store_true", help="skip the floor and the breakdown")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory processes")
     parser.add_argument("--memory-phase", choices=("train", "eval"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_phase:
         return measure_memory(args, args.memory_phase)
+    if not args.no_memory:  # first, each in its own process, before this one holds any model
+        memory_report(args)
     ctx = mx.cpu()
     mx.random.seed(0)
     workdir = tempfile.mkdtemp(prefix="bench-attr-")
@@ -372,6 +391,8 @@ def main():
     steps = {}
     ours = build_ours(args, args.loss, workdir)
     steps["ours"] = lambda: ours_step(ours, batch)
+    if not args.no_before:
+        steps["before"] = lambda: before_step(ours, batch)
     if args.loss == "paper":
         plain_loss = build_ours(args, "original", workdir)
         steps["ours-original"] = lambda: ours_step(plain_loss, batch)
@@ -420,15 +441,15 @@ def main():
         print("%s: %s" % (name, ", ".join("%s %.3f s" % (k, float(np.median(v))) for k, v in found.items())))
     if pieces:
         print("heads' parameters: %.1f M" % (floor.heads_parameters / 1e6))
-    if "original" in medians:
-        print("original / ours = %.2f" % (medians["original"] / medians["ours"]))
-    if "floor" in medians:
-        print("ours / floor = %.2f" % (medians["ours"] / medians["floor"]))
-    if "ours-original" in medians:
-        print("loss paper / original = %.3f" % (medians["ours"] / medians["ours-original"]))
-    if not args.no_memory:
-        del steps, pieces, ours
-        memory_report(args)
+    # ratios: of the medians, and the median of the per-round ratios (the sides of one round
+    # ran seconds apart, so a load that changes between rounds cancels out)
+    for label, top, bottom in (("original / ours", "original", "ours"), ("before / ours", "before", "ours"),
+                               ("original / before", "original", "before"), ("ours / floor", "ours", "floor"),
+                               ("loss paper / original", "ours", "ours-original")):
+        if top in medians and bottom in medians:
+            per_round = np.median(np.array(times[top]) / np.array(times[bottom]))
+            print("%-22s %.2f (per-round median %.2f)" % (label + " =", medians[top] / medians[bottom],
+                                                          per_round))
     print("step_seconds=%.4f" % medians["ours"])
 
 
