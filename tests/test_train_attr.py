@@ -82,8 +82,8 @@ def test_two_cpu_contexts_match_one_with_frozen_batchnorm(tmp_path, fashion_mnis
     print("2 contexts vs 1: max parameter difference %g" % diff)
     # both runs see the same batches (per-sample augmentation seeds); what differs is the float32
     # order of the gradient sums (two device halves + kvstore vs one batch): measured 1.2e-7
-    # (1 ulp at 1.0) after 3 steps, with mxnet's SGD and training_runtime.optim.SGD alike (4.2e-5
-    # was measured at commit 92c23d2, before the per-sample augmentation seeds were merged)
+    # (1 ulp at 1.0) after 3 steps, with mxnet's SGD and training_runtime.optim.SGD alike (the
+    # 4.2e-5 noted at commit 92c23d2 does not occur on this branch)
     assert diff <= 1e-6
 
 
