@@ -38,6 +38,10 @@ process.
     PYTHONPATH=. python benchmarks/bench_attr_step.py --backbone resnet101_v1 \
         --input-size 224 --batch-size 2 --steps 5 --loss original
 
+``--gpus 0`` runs every side on that GPU; ``--amp`` (with ``--gpus``) builds ours with
+``--amp`` (training_runtime.mixed_precision); ``--no-original`` / ``--no-before`` /
+``--no-floor`` / ``--no-memory`` skip sides (a full CPU run holds about 14 GB).
+
 Last line: ``step_seconds=<median of ours>``.
 """
 import argparse
@@ -56,7 +60,7 @@ from mxnet.gluon.model_zoo import vision
 
 from imbalanced_attr.data import WIDER_ATTRIBUTES
 from imbalanced_attr.family import FAMILY
-from training_runtime import app, loop, optim
+from training_runtime import app, cli, loop, mixed_precision, optim
 from training_runtime import config as run_config
 from training_runtime.schedule import make_schedule
 
@@ -96,10 +100,13 @@ class _Split(object):
 def build_ours(args, loss, workdir):
     """A Runner over the task train_attr.py builds (app.build_task), at the benchmark's epoch."""
     given = {"data_dir": "/benchmark", "backbone": args.backbone, "image_size": args.input_size,
-             "batch_size": args.batch_size, "loss": loss, "pretrained": False}
+             "batch_size": args.batch_size, "loss": loss, "pretrained": False,
+             "gpus": args.gpus, "amp": args.amp}
     config = run_config.resolve(FAMILY, given)
     names = attribute_names(args.num_classes)
-    ctx = [mx.cpu()]
+    ctx = cli.contexts(config.runtime)
+    if args.amp:  # as run_training does: GPUs only, before the model is built
+        mixed_precision.enable(ctx)
     task = app.build_task(FAMILY, config, names, ctx, pretrained=False)
     rng = np.random.RandomState(1)
     split = _Split(rng.choice([1, -1, 0], (64, len(names)), p=[0.3, 0.6, 0.1]).astype(np.float32))
@@ -350,7 +357,7 @@ def memory_report(args):
         command = [sys.executable, os.path.abspath(__file__), "--memory-phase", phase,
                    "--backbone", args.backbone, "--input-size", str(args.input_size),
                    "--batch-size", str(args.batch_size), "--num-classes", str(args.num_classes),
-                   "--loss", args.loss]
+                   "--loss", args.loss, "--gpus", args.gpus] + ["--amp"] * args.amp
         out = subprocess.run(command, stdout=subprocess.PIPE, check=True,
                              cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                              env=dict(os.environ, PYTHONPATH=os.pathsep.join(
@@ -378,16 +385,21 @@ def main():
     parser.add_argument("--no-before", action="store_true", help="skip ours with mxnet's SGD")
     parser.add_argument("--no-floor", action="store_true", help="skip the floor and the breakdown")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory processes")
+    parser.add_argument("--gpus", default="", help="as train_attr.py's --gpus (default: CPU); every side "
+                        "runs on the first device")
+    parser.add_argument("--amp", action="store_true", help="ours with --amp (GPUs only)")
     parser.add_argument("--memory-phase", choices=("train", "eval"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_phase:
         return measure_memory(args, args.memory_phase)
+    if args.amp and not args.gpus:
+        parser.error("--amp: float16 mixed precision needs GPUs (--gpus); this run is on CPU")
     if not args.no_memory:  # first, each in its own process, before this one holds any model
         memory_report(args)
-    ctx = mx.cpu()
     mx.random.seed(0)
     workdir = tempfile.mkdtemp(prefix="bench-attr-")
-    batch = random_batch(args)
+    ctx = mx.gpu(int(args.gpus.split(",")[0])) if args.gpus else mx.cpu()
+    batch = [x.as_in_context(ctx) for x in random_batch(args)]
     steps = {}
     ours = build_ours(args, args.loss, workdir)
     steps["ours"] = lambda: ours_step(ours, batch)
