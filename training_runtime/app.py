@@ -29,7 +29,7 @@ from . import checkpoint, cli, config as run_config, records
 from .errors import UserError, writing
 from .fingerprint import describe_difference, fingerprint
 from .images import load_image
-from . import distributed
+from . import distributed, mixed_precision
 from .loop import (TEST_FILE, Runner, evaluate, evaluated_epoch, evaluation_batches, freeze_batchnorm,
                    use_sync_batchnorm)
 from .schedule import make_schedule
@@ -222,6 +222,8 @@ def run_training(family, args, given, argv, callbacks=()):
     else:
         config = run_config.resolve(family, given)
     ctx = cli.contexts(config.runtime)
+    if config.runtime.amp:  # GPUs only; before the model is built (amp.init wraps the operators)
+        mixed_precision.enable(ctx)
     rank = distributed_rank(config.runtime.kvstore)
     mx.random.seed(config.runtime.seed)  # parameter initialisation
     np.random.seed(config.runtime.seed)

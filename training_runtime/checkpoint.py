@@ -39,6 +39,7 @@ import zipfile
 import mxnet as mx
 import numpy as np
 
+from . import optim as fast_optim
 from .errors import UserError, writing
 
 FORMAT = "training_runtime-checkpoint-1"
@@ -81,6 +82,7 @@ def _load_trainer_state(trainer, data, workdir=None):
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         trainer.load_states(path)
+        fast_optim.upgrade(trainer)  # an older checkpoint's mxnet SGD: same numbers, faster kernels
     finally:
         os.remove(path)
 

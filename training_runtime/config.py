@@ -131,6 +131,8 @@ class RuntimeConfig:
                                            resumable=True, test=True)
     log_every: int = _field(20, "check the loss for NaN/inf and update the progress every K steps",
                             positive=True, resumable=True, test=True)
+    amp: bool = _field(False, "float16 mixed precision (mxnet.contrib.amp, one dynamic loss scale for "
+                              "all trainers; GPUs only, refused on CPU): training_runtime.mixed_precision")
 
 
 SECTIONS = (("model", ModelConfig), ("data", DataConfig), ("optim", OptimConfig),

@@ -43,7 +43,8 @@ from mxnet import autograd, gluon
 from mxnet.gluon.contrib.nn import SyncBatchNorm
 from tqdm import tqdm
 
-from . import checkpoint, distributed, plots
+from . import checkpoint, distributed, mixed_precision, plots
+from . import optim as fast_optim
 from .progress import EpochProgress, RecordLog, StepLog, start_line
 from .errors import RunInterrupted, UserError, writing
 from .task import ParamGroup  # noqa: F401  (re-exported: its historical home)
@@ -293,6 +294,8 @@ def make_trainer(params, optim, optimizer_params=None):
     OptimConfig), overridden by the group's ``optimizer_params``."""
     settings = {"learning_rate": optim.lr, "momentum": optim.momentum, "wd": optim.wd}
     settings.update(optimizer_params or {})
+    if optim.optimizer == "sgd":  # mxnet's SGD, same numbers, faster kernels (training_runtime.optim)
+        return gluon.Trainer(params, fast_optim.SGD(**settings))
     return gluon.Trainer(params, optim.optimizer, settings)
 
 
@@ -356,6 +359,9 @@ class Runner(object):
         self.rank, self.num_workers = distributed.rank_and_size(self.runtime.kvstore)
         kv = distributed.kvstore(self.runtime.kvstore)
         self.reducer = distributed.GradientReducer(kv, self.trainers) if kv is not None else None
+        #: --amp: one dynamic loss scale for every trainer (training_runtime.mixed_precision)
+        self.loss_scaling = (mixed_precision.LossScaling(self.trainers.values())
+                             if getattr(self.runtime, "amp", False) else None)
         self.metrics = MetricsLog(save_dir, log)
         self.steps_log = StepLog(save_dir, log)
         #: () -> dict merged into every metrics.jsonl record (e.g. skipped-image counts)
@@ -445,17 +451,21 @@ class Runner(object):
                                      "got %s" % (type(self.task).__name__, d.shape[0], loss.shape))
             for callback in self.callbacks:
                 losses = callback.on_losses(self, losses)
-        for loss in losses:
+            scaled = losses if self.loss_scaling is None else self.loss_scaling.scale(losses)
+        for loss in scaled:
             loss.backward()
+        skip = self.loss_scaling is not None and self.loss_scaling.overflow()
         if self.reducer is not None:
             if not self.reducer._initialised:  # deferred shapes: known after the first forward
                 self.reducer.broadcast()
             self.reducer.reduce()
             for trainer in self.trainers.values():
-                trainer.update(global_size or data.shape[0])
+                if not skip:
+                    trainer.update(global_size or data.shape[0])
         else:
             for trainer in self.trainers.values():
-                trainer.step(data.shape[0])
+                if not skip:
+                    trainer.step(data.shape[0])
         self.task.after_step(self.epoch)
         return mx.nd.add_n(*[loss.sum().as_in_context(self.ctx[0]) for loss in losses])
 

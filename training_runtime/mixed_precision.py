@@ -1,0 +1,87 @@
+"""``--amp``: float16 mixed precision through ``mxnet.contrib.amp`` (GPUs only).
+
+:func:`enable` calls ``amp.init()``, which must run before the model is
+built (it wraps the operator functions: float16 for convolutions and matrix
+products, float32 for reductions, softmax, BatchNorm statistics and losses;
+parameters and optimizer states stay float32). The runtime calls it before
+``TrainingTask`` construction (``app.build_task``), so any method gets it.
+
+One dynamic loss scale for all the per-block trainers (:class:`LossScaling`).
+``amp.init_trainer``/``amp.scale_loss`` are made for one Trainer: each
+``init_trainer`` after the first gets its own ``LossScaler``, ``scale_loss``
+rescales only the trainer it is given, and a Trainer with a scaler checks
+only its own gradients for overflow, so with ten trainers one block could
+skip a step the others take, and the scale would advance ten times per step.
+Here the loss is multiplied by the shared scale, every trainer's gradient
+rescale is divided by it (what ``scale_loss`` does to its trainer), and the
+overflow check (``multi_all_finite`` over every trainer's gradients, one
+host sync per step, inherent in dynamic scaling) decides for all trainers:
+all update or all skip; the scale halves after an overflow and doubles
+after 2000 clean steps (``LossScaler``'s rule).
+"""
+import mxnet as mx
+
+from .errors import UserError
+
+
+def check_contexts(ctx):
+    """UserError unless every context is a GPU (float16 kernels are GPU kernels)."""
+    if not ctx or any(c.device_type != "gpu" for c in ctx):
+        raise UserError("--amp: float16 mixed precision needs GPUs (--gpus); this run is on %s"
+                        % ", ".join(str(c) for c in ctx))
+
+
+def enable(ctx):
+    """``mxnet.contrib.amp.init()`` after :func:`check_contexts`; call before building the model."""
+    check_contexts(ctx)
+    from mxnet.contrib import amp
+    amp.init()
+
+
+class LossScaling(object):
+    """One dynamic loss scale over ``trainers`` (a list of gluon.Trainer); see the module
+    docstring. The rule is ``mxnet.contrib.amp.loss_scaler.LossScaler``'s (start 2¹⁶,
+    at most 2²⁴, halve after an overflow, double after 2000 clean steps), with the check
+    over the gradients of every device (LossScaler's looks at the first device only,
+    before the trainers' own reduction)."""
+
+    START, MAX, CLEAN_STEPS = 2.0 ** 16, 2.0 ** 24, 2000
+
+    def __init__(self, trainers):
+        self.trainers = list(trainers)
+        self._unscaled = [t._scale for t in self.trainers]
+        self._params = [p for t in self.trainers for p in t._params if p.grad_req != "null"]
+        self.loss_scale = self._next = self.START
+        self._clean = 0
+
+    def scale(self, losses):
+        """The losses times the current scale (inside ``autograd.record``); the trainers'
+        gradient rescale divided by it."""
+        for trainer, unscaled in zip(self.trainers, self._unscaled):
+            trainer._scale = unscaled / self.loss_scale
+        return [loss * self.loss_scale for loss in losses]
+
+    def overflow(self):
+        """After backward: True if any gradient on any device is not finite (then every
+        trainer skips this update); sets the scale of the next step."""
+        finite = []
+        with mx.autograd.pause():
+            by_device = {}
+            for p in self._params:
+                for grad in p.list_grad():
+                    by_device.setdefault(grad.context, []).append(grad)
+            for device, grads in by_device.items():
+                flag = mx.nd.ones((1,), ctx=device)
+                for i in range(0, len(grads), 200):  # multi_all_finite takes a bounded list
+                    chunk = grads[i:i + 200]
+                    mx.nd.multi_all_finite(*chunk, num_arrays=len(chunk), init_output=False, out=flag)
+                finite.append(flag.as_in_context(mx.cpu()))
+        overflow = not all(bool(f.asscalar()) for f in finite)  # the step's one host sync
+        self.loss_scale = self._next
+        if overflow:
+            self._next, self._clean = self.loss_scale / 2.0, 0
+        else:
+            self._clean += 1
+            if self._clean == self.CLEAN_STEPS:
+                self._next, self._clean = min(self.MAX, self.loss_scale * 2.0), 0
+        return overflow
