@@ -42,9 +42,12 @@ RAREST = min(RARE, key=lambda n: fashion_attributes.RARE_RATES[n])   # legwear (
 METRICS = ("mAP", "mA", "rare AP", "AP " + RAREST)
 
 FULL = dict(seeds=[0, 1, 2], epochs=4, train_limit=600, val_limit=300, test_limit=1000, batch_size=32,
-            lr=0.005, history_start=0, history_weight_epoch=2)
-QUICK = dict(seeds=[0, 1], epochs=2, train_limit=100, val_limit=24, test_limit=48, batch_size=25,
-             lr=0.005, history_start=0, history_weight_epoch=1, variants=["original", "paper"])
+            lr=0.005, history_start=0, history_weight_epoch=2, picture_images=None)
+#: CI smoke run (tests/test_ablation.py): 2 variants x 2 seeds (the least that gives a mean ± std and a
+#: paired difference), one epoch with the history weighting on from epoch 0, no pictures
+QUICK = dict(seeds=[0, 1], epochs=1, train_limit=100, val_limit=24, test_limit=48, batch_size=25,
+             lr=0.005, history_start=0, history_weight_epoch=0, variants=["original", "paper"],
+             picture_images=0)
 
 
 def parse_args(argv):
@@ -59,6 +62,9 @@ def parse_args(argv):
     for key in ("epochs", "train_limit", "val_limit", "test_limit", "batch_size", "history_start",
                 "history_weight_epoch"):
         parser.add_argument("--" + key.replace("_", "-"), type=int, default=None)
+    parser.add_argument("--picture-images", type=int, default=None,
+                        help="train_attr.py --picture-images (default: not passed, the method's own; "
+                        "--quick: 0, no pictures)")
     parser.add_argument("--lr", type=float, default=None)
     parser.add_argument("--nice", type=int, default=10, help="niceness of the training subprocesses")
     parser.add_argument("--jobs", type=int, default=2, help="training subprocesses at a time (in seed "
@@ -85,7 +91,8 @@ def train_args(args, imbalance, variant, seed):
             "--val-limit", str(args.val_limit), "--test-limit", str(args.test_limit),
             "--batch-size", str(args.batch_size), "--lr", str(args.lr),
             "--history-start", str(args.history_start),
-            "--history-weight-epoch", str(args.history_weight_epoch)]
+            "--history-weight-epoch", str(args.history_weight_epoch)] + (
+        [] if args.picture_images is None else ["--picture-images", str(args.picture_images)])
 
 
 def metrics_of(report):

@@ -194,9 +194,14 @@ def report(args, results, argv, wall):
             p = common.paired([a[s]["top1"] for s in seeds], [b[s]["top1"] for s in seeds])
             pair_rows.append(["%s vs %s (%s)" % (method, BASELINE_NAME[method], mode),
                               common.fmt_paired(p)])
+            if method == "centerloss":   # compactness: lower is tighter, so a win is a negative difference
+                c = common.paired([a[s]["compactness"] for s in seeds], [b[s]["compactness"] for s in seeds])
+                pair_rows.append(["%s vs %s (%s): compactness (wins = seeds where it is higher)"
+                                  % (method, BASELINE_NAME[method], mode), common.fmt_paired(c)])
     lines += [common.markdown_table(["method", "mode", "n seeds", "method top-1", "baseline top-1"], rows), "",
-              "Paired per-seed differences of top-1 (method − baseline; wins/n; two-sided paired t-test):", "",
-              common.markdown_table(["comparison", "Δ top-1"], pair_rows), ""]
+              "Paired per-seed differences (method − baseline) of top-1, and for center loss of the "
+              "compactness (lower = tighter); wins/n; two-sided paired t-test:", "",
+              common.markdown_table(["comparison", "Δ"], pair_rows), ""]
     if "centerloss" in summary:
         lines += ["Compactness = mean distance of a test feature to its class center / mean distance between "
                   "class centers (lower: tighter classes); figure `centerloss_features.png`.", ""]

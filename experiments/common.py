@@ -91,8 +91,11 @@ def fmt_paired(p):
     """A ``paired`` result as 'Δ ± std (wins/n, p x)'; one seed: 'Δ (1 seed)'."""
     if p["n"] == 1:
         return "%+.4f (1 seed)" % p["mean"]
-    return "%+.4f ± %.4f (%d/%d, p %s)" % (p["mean"], p["std"], p["wins"], p["n"],
-                                          "%.2f" % p["p"] if p["p"] == p["p"] else "-")
+    if p["p"] != p["p"]:
+        shown = "-"
+    else:
+        shown = "< 0.01" if p["p"] < 0.005 else "%.2f" % p["p"]
+    return "%+.4f ± %.4f (%d/%d, p %s)" % (p["mean"], p["std"], p["wins"], p["n"], shown)
 
 
 def paired(a, b):

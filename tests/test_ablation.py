@@ -59,6 +59,9 @@ def test_paired_comparison_and_t_test_by_hand():
     assert result["t"] == pytest.approx(2 / (1 / np.sqrt(3)))
     assert result["p"] == pytest.approx(0.0742, abs=2e-4)     # Student's t, 2 dof, two-sided
     assert np.isnan(common.paired([1.0], [0.5])["p"])
+    assert common.fmt_paired(result) == "+2.0000 ± 1.0000 (3/3, p 0.07)"
+    assert common.fmt_paired(common.paired([1.0, 2.001, 3.0], [0.0, 1.0, 2.0])).endswith("(3/3, p < 0.01)")
+    assert common.fmt_paired(common.paired([1.0], [0.5])) == "+0.5000 (1 seed)"
     assert common.mean_std([0.5]) == (0.5, 0.0)
 
 
