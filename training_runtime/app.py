@@ -223,6 +223,11 @@ def run_training(family, args, given, argv, callbacks=()):
         config = run_config.resolve(family, given)
     ctx = cli.contexts(config.runtime)
     rank = distributed_rank(config.runtime.kvstore)
+    if resume_file:  # refused before any work (Runner.resume checks it too)
+        mismatch = distributed.world_size_mismatch(
+            record["progress"], distributed.rank_and_size(config.runtime.kvstore)[1], resume_file)
+        if mismatch:
+            raise UserError(mismatch)
     mx.random.seed(config.runtime.seed)  # parameter initialisation
     np.random.seed(config.runtime.seed)
     data = config.data
