@@ -6,7 +6,8 @@ command line that runs a training script with them installed.
 - :class:`KillAtStep`: the process SIGKILLs itself right after step k (before
   any checkpoint of that step) — the kill-and-resume tests (``KILL_CHILDREN_FILE``:
   where to list its child processes first; ``--kill-rank R``: only in the
-  distributed worker of rank R);
+  distributed worker of rank R, once its own step's pushes are out and rank 0
+  has saved a checkpoint of step k, so what the survivors do is deterministic);
 - :class:`NanAtStep`: the loss of step k becomes NaN before the backward pass
   (so the parameters become NaN too) — the NaN-guard tests;
 - :class:`SignalAtStep`: the process sends itself a signal (SIGTERM, SIGINT) right
@@ -48,10 +49,32 @@ class KillAtStep(Callback):
 
     def on_step_end(self, runner):
         if runner.step == self.step and self.rank in (None, runner.rank):
+            if self.rank is not None:
+                wait_for_checkpoint(runner, self.step)
             if os.environ.get("KILL_CHILDREN_FILE"):
                 with open(os.environ["KILL_CHILDREN_FILE"], "w") as f:
                     json.dump(child_pids(os.getpid()), f)
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+def wait_for_checkpoint(runner, step, timeout=120):
+    """Wait until this worker's engine work is done (its gradient pushes are out) and
+    RUN/last.ckpt holds step ``step`` or later (written by rank 0)."""
+    import time
+    import mxnet as mx
+    from training_runtime import checkpoint
+    mx.nd.waitall()
+    path = os.path.join(runner.save_dir, checkpoint.LAST)
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if os.path.exists(path):
+            try:
+                if checkpoint.read(path)[0]["progress"]["step"] >= step:
+                    return
+            except Exception:  # noqa: BLE001  (replaced while read: try again)
+                pass
+        time.sleep(0.05)
+    raise RuntimeError("no checkpoint of step %d in %s after %ds" % (step, path, timeout))
 
 
 class NanAtStep(Callback):

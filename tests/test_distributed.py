@@ -17,6 +17,8 @@ import numpy as np
 import pytest
 
 from resume_harness import HOOKS, ROOT, max_param_diff, params_of, run_script
+import train_attr
+import train_fgvc
 from training_runtime import checkpoint, distributed, launch as launcher
 
 TINY = ["--picture-images", "0", "--train-limit", "16", "--val-limit", "4", "--test-limit", "4",
@@ -43,7 +45,8 @@ def last_params(save_dir):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """Runs made on first use, once per module: name -> (save dir, CompletedProcess)."""
+    """Runs made on first use, once per module: name -> (save dir, CompletedProcess, or the
+    final test's report of a one-process run)."""
     root = tmp_path_factory.mktemp("dist")
     made = {}
 
@@ -58,8 +61,9 @@ def runs(tmp_path_factory):
             if family == "attr":
                 tiny = TINY + ATTR["train"]
                 one, dist = (["--batch-size", str(int(b[1]) * ATTR["batch"])] + b[2:] for b in (ONE, DIST))
-            if kind == "one":
-                proc = run_script(script[0], script[1:] + tiny + one + cpus + ["--save-dir", save], timeout=120)
+            if kind == "one":  # in this process (no import cost)
+                main = (train_attr if family == "attr" else train_fgvc).main
+                proc = main(script[1:] + tiny + one + cpus + ["--save-dir", save])
             elif kind == "two":
                 proc = launch(script + tiny + dist + ["--save-dir", save])
             elif kind == "killed":

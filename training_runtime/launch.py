@@ -26,7 +26,9 @@ Every line a child prints is prefixed ``[worker 0]``, ``[server 0]``,
 ``[scheduler]`` (the launch index; ps-lite numbers workers in the order they
 connect, so a worker's kvstore rank may differ). When every worker has exited 0
 the launcher waits for the servers and scheduler and exits 0. When any process
-exits non-zero, the others are stopped (SIGTERM, then SIGKILL after --grace seconds), the launcher
+exits non-zero, the others are stopped (the workers get SIGTERM: each finishes its step and saves
+a checkpoint; when they are gone, or after --grace seconds, everything left gets
+SIGKILL), the launcher
 prints ``launch: worker 1 (pid 1234) exited with status -9 (SIGKILL); stopping
 the others`` and ``launch: stopped every process in 0.4s`` and exits with 10 + the
 worker's index for a worker, 9 for a server, 8 for the scheduler; 7 when
@@ -204,14 +206,16 @@ def main(argv=None):
     workers = [c for c in children if c.role == "worker"]
 
     def stop_all(reason, status):
+        # the workers get SIGTERM (a worker finishes its step and checkpoints: it needs the
+        # servers), then, when they are gone or after --grace, everything left SIGKILL
         print("launch: %s; stopping the others" % reason, file=sys.stderr, flush=True)
         started = time.time()
-        for c in children:
+        for c in workers:
             c.signal(signal.SIGTERM)
         deadline = started + args.grace
-        while time.time() < deadline and any(c.proc.poll() is None for c in children):
+        while time.time() < deadline and any(c.proc.poll() is None for c in workers):
             time.sleep(0.05)
-        for c in children:
+        for c in workers + [c for c in children if c.role != "worker"]:
             c.signal(signal.SIGKILL)
             c.proc.wait()
         print("launch: stopped every process in %.1fs" % (time.time() - started), file=sys.stderr,
