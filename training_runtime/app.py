@@ -282,7 +282,8 @@ def run_training(family, args, given, argv, callbacks=()):
     epoch = evaluated_epoch({"epoch": runner.epoch, "batch_in_epoch": runner.batch_in_epoch})
     print("final test of %s after epoch %d on %s (%d images)" % (
         config.model.method, epoch, data.test_split, len(test_set)))
-    task.figure_dir = save_dir  # where test_report may write its figures (training_runtime.plots)
+    # where test_report may write its figures (training_runtime.plots); rank 0 only
+    task.figure_dir = save_dir if rank == 0 else None
     report = evaluate(task, test_set.transform_first(task.transform(False)), ctx, config, epoch,
                       report=sys.stdout)
     if rank == 0:
