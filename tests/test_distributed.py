@@ -114,7 +114,8 @@ def test_a_killed_worker_stops_everything_and_leaves_the_checkpoint(runs):
                       r"stopping the others", proc.stderr)
     assert found, proc.stderr[-3000:]
     assert proc.returncode == 10 + int(found.group(1))  # not 7: stopped before --timeout
-    assert "launch: stopped every process in" in proc.stderr
+    stopped = re.search(r"launch: stopped every process in ([\d.]+)s", proc.stderr)
+    assert stopped and float(stopped.group(1)) < 2 + 3  # --grace 2: the blocked rank 0 is SIGKILLed
     record, killed = last_params(save)
     assert record["progress"]["step"] == 1
     # the comparisons below can fail: one step more changes the parameters
@@ -199,3 +200,12 @@ def test_bad_launch_arguments_are_clear_errors():
         launcher.plan(0, 1, ["python", "x.py"], port=1)
     with pytest.raises(SystemExit, match="no worker command"):
         launcher.main(["--workers", "1", "--"])
+
+
+def test_a_failing_worker_command_stops_the_servers():
+    """A worker that fails at once (status 3): the launcher stops the scheduler and the server
+    it left waiting and exits 10 + its index."""
+    proc = launch(["-c", "import sys; sys.exit(3)"], workers=1, expect=None, timeout=60)
+    assert proc.returncode == 10, proc.stderr
+    assert re.search(r"launch: worker 0 \(pid \d+\) exited with status 3; stopping the others", proc.stderr)
+    assert "launch: stopped every process in" in proc.stderr
