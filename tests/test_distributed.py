@@ -16,7 +16,7 @@ import sys
 import numpy as np
 import pytest
 
-from resume_harness import HOOKS, ROOT, max_param_diff, params_of, run_script
+from resume_harness import HOOKS, ROOT, max_param_diff, metrics_without_time, params_of, run_script
 import train_attr
 import train_fgvc
 from training_runtime import checkpoint, distributed, launch as launcher
@@ -106,6 +106,11 @@ def test_two_workers_equal_one_process(runs, family):
     assert record["progress"]["world_size"] == 2 and record["progress"]["step"] == 2
     assert a.keys() == b.keys() and not any(np.isnan(v).any() for v in b.values())
     assert max_param_diff(a, b) <= 1e-5
+    # the logged training loss is the global batch's (summed over the workers)
+    one, two = (metrics_without_time(runs(family + kind)[0])[0] for kind in ("-one", "-two"))
+    assert two["train_loss"] == pytest.approx(one["train_loss"], rel=1e-5)
+    if family != "s3n":  # S3N evaluates epoch 0 in its random mode, drawn per device slice
+        assert two["val"] == pytest.approx(one["val"])
 
 
 def test_a_killed_worker_stops_everything_and_leaves_the_checkpoint(runs):

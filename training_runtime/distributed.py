@@ -25,6 +25,10 @@ KINDS = ("device", "local") + DIST_KINDS
 _STORE = {}
 
 
+#: the key of the step's summed training loss (the logs show the global batch's loss)
+LOSS_KEY = "__loss__/sum"
+
+
 def is_dist(kind):
     return kind in DIST_KINDS
 
@@ -127,8 +131,8 @@ class GradientReducer(object):
         before = [p.data().copy() for _, p in self.params] if check_unchanged else None
         both = self.params + self.aux
         keys = [key for key, _ in both]
-        self.kv.init(keys, [p.data() for _, p in both])  # rank 0's values (one barrier)
-        self.kv.pull(keys, out=[p.list_data() for _, p in both])
+        self.kv.init(keys + [LOSS_KEY], [p.data() for _, p in both] + [mx.nd.zeros((1,))])
+        self.kv.pull(keys, out=[p.list_data() for _, p in both])  # rank 0's values
         for _, p in both:
             for data in p.list_data():
                 data.wait_to_read()
@@ -162,15 +166,25 @@ class GradientReducer(object):
             for data in p.list_data():
                 data.wait_to_read()
 
-    def reduce(self):
+    def reduce(self, loss_sum=None):
         """Every device's gradient := the sum of the gradients of every device of every worker.
 
         Pushes all keys, then pulls them: a pull is issued after the same key's push
         completed, i.e. after every worker pushed it (the dist_sync servers answer a
-        push once all workers' pushes of that key are summed)."""
+        push once all workers' pushes of that key are summed). ``loss_sum``: this
+        worker's summed loss, shape (1,); returns the sum over the workers (a new
+        NDArray on its context, no host sync), or None."""
         if not self.initialised:
             raise RuntimeError("GradientReducer.reduce before broadcast")
         for priority, (key, p) in enumerate(self.params):
             self.kv.push(key, p.list_grad(), priority=-priority)
+        if loss_sum is not None:
+            loss_sum = loss_sum.reshape((1,)).astype("float32", copy=False)
+            self.kv.push(LOSS_KEY, loss_sum, priority=-len(self.params))
         for priority, (key, p) in enumerate(self.params):
             self.kv.pull(key, out=p.list_grad(), priority=-priority)
+        if loss_sum is None:
+            return None
+        total = mx.nd.zeros((1,), ctx=loss_sum.context)
+        self.kv.pull(LOSS_KEY, out=total, priority=-len(self.params))
+        return total

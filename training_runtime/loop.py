@@ -433,7 +433,7 @@ class Runner(object):
 
         ``global_size``: the samples of the step over all workers (--kvstore dist_*:
         the gradients are summed over the workers first). Returns the summed loss of
-        this worker's batch as a device scalar (no host sync).
+        the step's batch as a device scalar (no host sync; dist: of the global batch).
         """
         data, label, index = batch
         ctx = self.ctx[:min(len(self.ctx), data.shape[0])]
@@ -448,19 +448,20 @@ class Runner(object):
                 losses = callback.on_losses(self, losses)
         for loss in losses:
             loss.backward()
+        step_sum = mx.nd.add_n(*[loss.sum().as_in_context(self.ctx[0]) for loss in losses])
         if self.reducer is not None:
             if not self.reducer.initialised:
                 # shapes deferred to the first forward: every worker initialised them from
                 # the same seed; checked (the gradients above used the local values)
                 self.reducer.broadcast(check_unchanged=True)
-            self.reducer.reduce()
+            step_sum = self.reducer.reduce(step_sum)  # the global batch's loss
             for trainer in self.trainers.values():
                 trainer.update(global_size or data.shape[0])
         else:
             for trainer in self.trainers.values():
                 trainer.step(data.shape[0])
         self.task.after_step(self.epoch)
-        return mx.nd.add_n(*[loss.sum().as_in_context(self.ctx[0]) for loss in losses])
+        return step_sum
 
     def _elapsed(self):
         """Seconds spent in the current epoch (across resumes)."""
@@ -628,7 +629,7 @@ class Runner(object):
                 step_sum = self.train_step(batch, global_size)
                 self.step += 1
                 self.batch_in_epoch += 1
-                self.monitor.add(self.step, step_sum, batch[0].shape[0])
+                self.monitor.add(self.step, step_sum, global_size)
                 bar.update(batch[0].shape[0])
                 for callback in self.callbacks:
                     callback.on_step_end(self)
