@@ -22,7 +22,7 @@ import train_fgvc
 from training_runtime import checkpoint, distributed, launch as launcher
 from training_runtime.errors import UserError
 
-TINY = ["--picture-images", "0", "--train-limit", "16", "--val-limit", "4", "--test-limit", "4",
+TINY = ["--picture-images", "0", "--figures", "none", "--train-limit", "16", "--val-limit", "4", "--test-limit", "4",
         "--seed", "1", "--epochs", "1", "--batchnorm", "frozen", "--image-size", "32"]
 DIST = ["--batch-size", "4", "--kvstore", "dist_sync"]   # x 2 workers
 ONE = ["--batch-size", "8"]                              # the same global batch in one process
@@ -214,3 +214,11 @@ def test_a_failing_worker_command_stops_the_servers():
     assert proc.returncode == 10, proc.stderr
     assert re.search(r"launch: worker 0 \(pid \d+\) exited with status 3; stopping the others", proc.stderr)
     assert "launch: stopped every process in" in proc.stderr
+
+
+def test_figures_none_draws_no_curves_and_no_test_figures(runs):
+    """--figures none (every run above): no curves.png, no test figures; the logs are written."""
+    save, _ = runs("attr-two")
+    files = set(os.listdir(save))
+    assert {"metrics.jsonl", "test.json", checkpoint.LAST} <= files
+    assert not files & {"curves.png", "test_ap.png", "test_pr.png"}

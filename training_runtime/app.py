@@ -283,7 +283,7 @@ def run_training(family, args, given, argv, callbacks=()):
     print("final test of %s after epoch %d on %s (%d images)" % (
         config.model.method, epoch, data.test_split, len(test_set)))
     # where test_report may write its figures (training_runtime.plots); rank 0 only
-    task.figure_dir = save_dir if rank == 0 else None
+    task.figure_dir = save_dir if rank == 0 and config.runtime.figures != "none" else None
     report = evaluate(task, test_set.transform_first(task.transform(False)), ctx, config, epoch,
                       report=sys.stdout)
     if rank == 0:

@@ -277,10 +277,14 @@ class MetricsLog(RecordLog):
         """Drop the lines of ``epoch`` and later (a resumed run writes them again)."""
         self.keep(lambda r: r["epoch"] < epoch)
 
+    #: draw curves.png after every append (--figures all)
+    draw = True
+
     def append(self, record):
         super(MetricsLog, self).append(record)
-        with writing(self.curves):
-            self.plot()
+        if self.draw:
+            with writing(self.curves):
+                self.plot()
 
     def plot(self):
         """curves.png (training_runtime.plots.curves); a failure is a logged warning."""
@@ -357,6 +361,7 @@ class Runner(object):
         kv = distributed.kvstore(self.runtime.kvstore)
         self.reducer = distributed.GradientReducer(kv, self.trainers) if kv is not None else None
         self.metrics = MetricsLog(save_dir, log)
+        self.metrics.draw = self.runtime.figures != "none"
         self.steps_log = StepLog(save_dir, log)
         #: () -> dict merged into every metrics.jsonl record (e.g. skipped-image counts)
         self.extra_record = extra_record or dict
