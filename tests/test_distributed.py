@@ -12,6 +12,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
 import pytest
@@ -30,14 +31,40 @@ ONE = ["--batch-size", "8"]                              # the same global batch
 ATTR = {"train": ["--train-limit", "32"], "batch": 2}
 
 
-def launch(script_args, workers=2, expect=0, timeout=120):
-    command = [sys.executable, "-m", "training_runtime.launch", "--workers", str(workers), "--servers",
-               "1", "--timeout", str(timeout - 20), "--grace", "2", "--", "python"] + script_args
-    env = dict(os.environ, PYTHONPATH=ROOT, PORT="9")  # PORT must be removed by the launcher
-    proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    assert expect is None or proc.returncode == expect, "exit %d\nstdout:\n%s\nstderr:\n%s" % (
-        proc.returncode, proc.stdout[-3000:], proc.stderr[-3000:])
-    return proc
+class Launch(object):
+    """``python -m training_runtime.launch --workers N --servers 1 -- python ARGS`` started in
+    the background (output into files); :meth:`result` waits (hard timeout) and returns a
+    CompletedProcess, its exit status checked unless ``expect`` is None."""
+
+    def __init__(self, script_args, workers=2, expect=0, timeout=120, output=None):
+        command = [sys.executable, "-m", "training_runtime.launch", "--workers", str(workers),
+                   "--servers", "1", "--timeout", str(timeout - 20), "--grace", "2", "--",
+                   "python"] + script_args
+        env = dict(os.environ, PYTHONPATH=ROOT, PORT="9")  # PORT must be removed by the launcher
+        self.expect, self.timeout, self.args = expect, timeout, command
+        self.files = [tempfile.TemporaryFile(mode="w+", dir=output) for _ in range(2)]
+        self.proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=self.files[0],
+                                     stderr=self.files[1], text=True)
+
+    def result(self):
+        try:
+            code = self.proc.wait(timeout=self.timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            raise
+        out = []
+        for f in self.files:
+            f.seek(0)
+            out.append(f.read())
+            f.close()
+        proc = subprocess.CompletedProcess(self.args, code, *out)
+        assert self.expect is None or code == self.expect, "exit %d\nstdout:\n%s\nstderr:\n%s" % (
+            code, proc.stdout[-3000:], proc.stderr[-3000:])
+        return proc
+
+
+def launch(script_args, **kwargs):
+    return Launch(script_args, **kwargs).result()
 
 
 def last_params(save_dir):
@@ -47,9 +74,27 @@ def last_params(save_dir):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """Runs made on first use, once per module: name -> (save dir, CompletedProcess, or the
-    final test's report of a one-process run)."""
+    final test's report of a one-process run). A one-process run (in this process) starts its
+    family's distributed runs first, so they overlap."""
     root = tmp_path_factory.mktemp("dist")
-    made = {}
+    made, started = {}, {}
+
+    def command(family, kind, save):
+        """The launcher arguments of a distributed run."""
+        script = ["train_attr.py"] if family == "attr" else ["train_fgvc.py", "--method", family]
+        if kind == "two":
+            tiny, dist = (TINY + ATTR["train"], ["--batch-size", str(int(DIST[1]) * ATTR["batch"])]
+                          + DIST[2:]) if family == "attr" else (TINY, DIST)
+            return script + tiny + dist + ["--save-dir", save]
+        # killed: rank 1 SIGKILLs itself after step 1: rank 0 cannot go past step 1 (step 2 needs
+        # rank 1's gradients) and saves it (--checkpoint-every 1, or on the launcher's SIGTERM)
+        return ([HOOKS, "--kill-at-step", "1", "--kill-rank", "1", os.path.join(ROOT, script[0])] +
+                script[1:] + TINY + DIST + ["--checkpoint-every", "1", "--save-dir", save])
+
+    def start(name, **kwargs):
+        if name not in made and name not in started:
+            family, kind = name.split("-")
+            started[name] = Launch(command(family, kind, str(root / name)), **kwargs)
 
     def get(name):
         if name not in made:
@@ -59,27 +104,27 @@ def runs(tmp_path_factory):
             # the one process on two CPU contexts: the same split of the batch as two workers, so the
             # same sums (center loss also counts each class over a device's own samples)
             cpus = ["--cpus", "2"]
-            tiny, one, dist = TINY, ONE, DIST
+            tiny, one = TINY, ONE
             if family == "attr":
-                tiny = TINY + ATTR["train"]
-                one, dist = (["--batch-size", str(int(b[1]) * ATTR["batch"])] + b[2:] for b in (ONE, DIST))
-            if kind == "one":  # in this process (no import cost)
+                tiny, one = TINY + ATTR["train"], ["--batch-size", str(int(ONE[1]) * ATTR["batch"])]
+            if kind == "one":  # in this process (no import cost), while the distributed runs go
+                start(family + "-two")
+                if family == "centerloss":
+                    start(family + "-killed", expect=None)
                 main = (train_attr if family == "attr" else train_fgvc).main
                 proc = main(script[1:] + tiny + one + cpus + ["--save-dir", save])
-            elif kind == "two":
-                proc = launch(script + tiny + dist + ["--save-dir", save])
-            elif kind == "killed":
-                # rank 1 SIGKILLs itself after step 1: rank 0 cannot go past step 1 (step 2 needs
-                # rank 1's gradients) and saves it (--checkpoint-every 1, or on the launcher's SIGTERM)
-                proc = launch([HOOKS, "--kill-at-step", "1", "--kill-rank", "1",
-                               os.path.join(ROOT, script[0])] + script[1:] + TINY + DIST +
-                              ["--checkpoint-every", "1", "--save-dir", save], expect=None)
+            elif kind in ("two", "killed"):
+                start(name, expect=0 if kind == "two" else None)
+                proc = started.pop(name).result()
             elif kind == "resumed":
                 shutil.copytree(get(family + "-killed")[0], save)
                 proc = launch([script[0], "--resume", os.path.join(save, checkpoint.LAST)])
             made[name] = save, proc
         return made[name]
-    return get
+    yield get
+    for unused in started.values():  # started for a test that was deselected: the launcher stops all
+        unused.proc.terminate()
+        unused.proc.wait(timeout=30)
 
 
 def test_shard_covers_the_global_batch():
