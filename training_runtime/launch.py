@@ -181,12 +181,10 @@ def describe_status(code):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
-    if "--" not in argv:
-        raise SystemExit("launch: give the worker command after --, e.g. -- python train_attr.py "
-                         "--kvstore dist_sync ...")
-    split = argv.index("--")
     parser = argparse.ArgumentParser(prog="python -m training_runtime.launch",
-                                     description=__doc__.split("\n\n")[0])
+                                     description=__doc__.split("\n\n")[0],
+                                     usage="%(prog)s --workers N [--servers M] [options] -- "
+                                           "python SCRIPT ARGS --kvstore dist_sync")
     parser.add_argument("--workers", type=int, required=True, help="number of worker processes")
     parser.add_argument("--servers", type=int, default=1, help="number of server processes")
     parser.add_argument("--hostfile", help="one host per line: start servers and workers there over ssh")
@@ -198,6 +196,12 @@ def main(argv=None):
                         help="stop everything after this many seconds (0: no limit)")
     parser.add_argument("--grace", type=float, default=3.0,
                         help="seconds between SIGTERM and SIGKILL when stopping the others")
+    if "--" not in argv:
+        if "-h" in argv or "--help" in argv:
+            parser.parse_args(["--help"])
+        raise SystemExit("launch: give the worker command after --, e.g. -- python train_attr.py "
+                         "--kvstore dist_sync ...")
+    split = argv.index("--")
     args = parser.parse_args(argv[:split])
     hosts = read_hostfile(args.hostfile) if args.hostfile else None
     specs = plan(args.workers, args.servers, argv[split + 1:], hosts, args.root_uri,
