@@ -5,7 +5,9 @@ command line that runs a training script with them installed.
 
 - :class:`KillAtStep`: the process SIGKILLs itself right after step k (before
   any checkpoint of that step) — the kill-and-resume tests (``KILL_CHILDREN_FILE``:
-  where to list its child processes first);
+  where to list its child processes first; ``--kill-rank R``: only in the
+  distributed worker of rank R, once its own step's pushes are out and rank 0
+  has saved a checkpoint of step k, so what the survivors do is deterministic);
 - :class:`NanAtStep`: the loss of step k becomes NaN before the backward pass
   (so the parameters become NaN too) — the NaN-guard tests;
 - :class:`SignalAtStep`: the process sends itself a signal (SIGTERM, SIGINT) right
@@ -41,15 +43,38 @@ class KillAtStep(Callback):
     """With the environment variable KILL_CHILDREN_FILE set, the ids of the
     process's children (DataLoader workers) are written there (JSON) first."""
 
-    def __init__(self, step):
+    def __init__(self, step, rank=None):
         self.step = int(step)
+        self.rank = rank
 
     def on_step_end(self, runner):
-        if runner.step == self.step:
+        if runner.step == self.step and self.rank in (None, runner.rank):
+            if self.rank is not None:
+                wait_for_checkpoint(runner, self.step)
             if os.environ.get("KILL_CHILDREN_FILE"):
                 with open(os.environ["KILL_CHILDREN_FILE"], "w") as f:
                     json.dump(child_pids(os.getpid()), f)
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+def wait_for_checkpoint(runner, step, timeout=120):
+    """Wait until this worker's engine work is done (its gradient pushes are out) and
+    RUN/last.ckpt holds step ``step`` or later (written by rank 0)."""
+    import time
+    import mxnet as mx
+    from training_runtime import checkpoint
+    mx.nd.waitall()
+    path = os.path.join(runner.save_dir, checkpoint.LAST)
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if os.path.exists(path):
+            try:
+                if checkpoint.read(path)[0]["progress"]["step"] >= step:
+                    return
+            except Exception:  # noqa: BLE001  (replaced while read: try again)
+                pass
+        time.sleep(0.05)
+    raise RuntimeError("no checkpoint of step %d in %s after %ds" % (step, path, timeout))
 
 
 class NanAtStep(Callback):
@@ -73,12 +98,12 @@ class SignalAtStep(Callback):
 
 
 def callbacks_from(kill_at_step=None, nan_at_step=None, signal_at_step=None, signal_name="SIGTERM",
-                   signal_count=1):
+                   signal_count=1, kill_rank=None):
     found = []
     if signal_at_step:
         found.append(SignalAtStep(signal_at_step, getattr(signal, signal_name), signal_count))
     if kill_at_step:
-        found.append(KillAtStep(kill_at_step))
+        found.append(KillAtStep(kill_at_step, kill_rank))
     if nan_at_step:
         found.append(NanAtStep(nan_at_step))
     return found
@@ -87,6 +112,8 @@ def callbacks_from(kill_at_step=None, nan_at_step=None, signal_at_step=None, sig
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--kill-at-step", type=int, default=None)
+    parser.add_argument("--kill-rank", type=int, default=None,
+                        help="--kill-at-step in the distributed worker of this rank only")
     parser.add_argument("--nan-at-step", type=int, default=None)
     parser.add_argument("--signal-at-step", type=int, default=None)
     parser.add_argument("--signal", default="SIGTERM", choices=("SIGTERM", "SIGINT"))
@@ -96,7 +123,7 @@ def main():
     options = parser.parse_args()
     script = runpy.run_path(options.script)  # its main(argv, callbacks)
     callbacks = callbacks_from(options.kill_at_step, options.nan_at_step, options.signal_at_step,
-                               options.signal, options.signal_count)
+                               options.signal, options.signal_count, options.kill_rank)
     sys.argv = [options.script] + options.args
     cli.run_main(lambda argv: script["main"](argv, callbacks=callbacks), options.args)
 

@@ -225,6 +225,11 @@ def run_training(family, args, given, argv, callbacks=()):
     if config.runtime.amp:  # GPUs only; before the model is built (amp.init wraps the operators)
         mixed_precision.enable(ctx)
     rank = distributed_rank(config.runtime.kvstore)
+    if resume_file:  # refused before any work (Runner.resume checks it too)
+        mismatch = distributed.world_size_mismatch(
+            record["progress"], distributed.rank_and_size(config.runtime.kvstore)[1], resume_file)
+        if mismatch:
+            raise UserError(mismatch)
     mx.random.seed(config.runtime.seed)  # parameter initialisation
     np.random.seed(config.runtime.seed)
     data = config.data
@@ -279,7 +284,8 @@ def run_training(family, args, given, argv, callbacks=()):
     epoch = evaluated_epoch({"epoch": runner.epoch, "batch_in_epoch": runner.batch_in_epoch})
     print("final test of %s after epoch %d on %s (%d images)" % (
         config.model.method, epoch, data.test_split, len(test_set)))
-    task.figure_dir = save_dir  # where test_report may write its figures (training_runtime.plots)
+    # where test_report may write its figures (training_runtime.plots); rank 0 only
+    task.figure_dir = save_dir if rank == 0 and config.runtime.figures != "none" else None
     report = evaluate(task, test_set.transform_first(task.transform(False)), ctx, config, epoch,
                       report=sys.stdout)
     if rank == 0:

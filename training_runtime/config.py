@@ -129,6 +129,9 @@ class RuntimeConfig:
                                                  "each evaluation, in RUN/pictures (default: the "
                                                  "method's own number; 0: no pictures)", minimum=0,
                                            resumable=True, test=True)
+    figures: str = _field("all", "figures a run draws: all = curves.png after every evaluation and the "
+                                 "method's final-test figures; none = neither (smoke runs, tests)",
+                          choices=("all", "none"), resumable=True, test=True)
     log_every: int = _field(20, "check the loss for NaN/inf and update the progress every K steps",
                             positive=True, resumable=True, test=True)
     amp: bool = _field(False, "float16 mixed precision (mxnet.contrib.amp, one dynamic loss scale for "

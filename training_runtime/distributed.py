@@ -25,6 +25,10 @@ KINDS = ("device", "local") + DIST_KINDS
 _STORE = {}
 
 
+#: the key of the step's summed training loss (the logs show the global batch's loss)
+LOSS_KEY = "__loss__/sum"
+
+
 def is_dist(kind):
     return kind in DIST_KINDS
 
@@ -53,6 +57,17 @@ def rank_and_size(kind):
     return kv.rank, kv.num_workers
 
 
+def world_size_mismatch(progress, world_size, path):
+    """The reason a checkpoint's progress (``world_size``, written by the runner) cannot be
+    resumed by ``world_size`` workers, or None: the global batch (workers x --batch-size)
+    and so the data order would change."""
+    saved = progress.get("world_size", progress.get("num_workers", 1))
+    if saved == world_size:
+        return None
+    return ("--resume: %s was written by %d worker(s), this run has %d (the global batch, "
+            "workers x --batch-size, and so the data order would change)" % (path, saved, world_size))
+
+
 def configure_trainer(trainer, kind):
     """Set the kvstore a fresh (not yet stepped) Trainer will use.
 
@@ -79,31 +94,97 @@ def shard(batch, rank, size):
 class GradientReducer(object):
     """Sums every trainer's gradients over all devices and workers through one dist kvstore.
 
-    trainers: ordered dict group name -> Trainer. Keys are ``"group/parameter name"``.
-    On the first call the parameters are broadcast from rank 0 (kv.init stores rank
-    0's values; every worker pulls them), so all workers start identical.
+    trainers: ordered dict group name -> Trainer. Keys are ``"group/parameter name"``
+    (``"aux/group/parameter name"`` for the parameters without gradient: BatchNorm's
+    running statistics). :meth:`broadcast` (once, before the first update) makes every
+    worker's parameters rank 0's; :meth:`reduce` after every backward pass;
+    :meth:`sync_aux` before every evaluation and checkpoint.
     """
 
     def __init__(self, kv, trainers):
         self.kv = kv
         self.params = [("%s/%s" % (group, p.name), p) for group, trainer in trainers.items()
                        for p in trainer._params if p.grad_req != "null"]
-        self._initialised = False
+        self.aux = [("aux/%s/%s" % (group, p.name), p) for group, trainer in trainers.items()
+                    for p in trainer._params if p.grad_req == "null"]
+        keys = [key for key, _ in self.params + self.aux]
+        if len(set(keys)) != len(keys):
+            raise ValueError("GradientReducer: duplicate kvstore keys %s"
+                             % sorted({k for k in keys if keys.count(k) > 1}))
+        self.initialised = False
+        self._synced_step = None
 
-    def broadcast(self):
-        """Every worker's parameters := rank 0's (all devices). Call once, after every
-        parameter has its shape (after the first forward)."""
-        for key, p in self.params:
-            self.kv.init(key, p.data())
-        for key, p in self.params:
-            self.kv.pull(key, out=p.list_data())
-        self._initialised = True
+    def ready(self):
+        """True when every parameter has its shape (deferred ones get it at the first forward)."""
+        return all(p._data is not None for _, p in self.params + self.aux)
 
-    def reduce(self):
-        """Every device's gradient := the sum of the gradients of every device of every worker."""
-        if not self._initialised:
+    def broadcast(self, check_unchanged=False):
+        """Every worker's parameters := rank 0's (all devices); every parameter needs
+        its shape. Blocks until the values are here: a worker's first gradient push
+        must not overtake its own pull (the server would then answer the pull with
+        the round's gradient sum instead of the parameters).
+
+        check_unchanged: raise RuntimeError if a worker's parameters differed from
+        rank 0's (after a first forward/backward on the local values: its gradients
+        would then not be those of rank 0's parameters).
+        """
+        before = [p.data().copy() for _, p in self.params] if check_unchanged else None
+        both = self.params + self.aux
+        keys = [key for key, _ in both]
+        self.kv.init(keys + [LOSS_KEY], [p.data() for _, p in both] + [mx.nd.zeros((1,))])
+        self.kv.pull(keys, out=[p.list_data() for _, p in both])  # rank 0's values
+        for _, p in both:
+            for data in p.list_data():
+                data.wait_to_read()
+        self.initialised = True
+        if before is not None:
+            changed = [key for (key, p), old in zip(self.params, before)
+                       if not (old == p.data()).min().asscalar()]
+            if changed:
+                raise RuntimeError("worker %d initialised %d parameter(s) differently from rank 0 "
+                                   "(e.g. %s): its first step was computed on other values"
+                                   % (self.kv.rank, len(changed), changed[0]))
+
+    def sync_aux(self, step=None):
+        """Every device of every worker gets rank 0's (first device's) values of the
+        parameters without gradient (BatchNorm running statistics, which each device
+        and worker updates from its own batches unless --batchnorm frozen): rank 0
+        pushes them, the others push zeros, every worker pulls the sum. Exact for any
+        number of workers; so the evaluations (hence the lr rule and ``best``) and the
+        checkpoints agree on every worker. Every worker must call it (collective);
+        ``step``: a second call at the same step does nothing."""
+        if not self.initialised or not self.aux or (step is not None and step == self._synced_step):
+            return
+        self._synced_step = step
+        for priority, (key, p) in enumerate(self.aux):
+            value = p.data()
+            self.kv.push(key, value if self.kv.rank == 0 else mx.nd.zeros_like(value),
+                         priority=-priority)
+        for priority, (key, p) in enumerate(self.aux):
+            self.kv.pull(key, out=p.list_data(), priority=-priority)
+        for _, p in self.aux:
+            for data in p.list_data():
+                data.wait_to_read()
+
+    def reduce(self, loss_sum=None):
+        """Every device's gradient := the sum of the gradients of every device of every worker.
+
+        Pushes all keys, then pulls them: a pull is issued after the same key's push
+        completed, i.e. after every worker pushed it (the dist_sync servers answer a
+        push once all workers' pushes of that key are summed). ``loss_sum``: this
+        worker's summed loss, shape (1,); returns the sum over the workers (a new
+        NDArray on its context, no host sync), or None."""
+        if not self.initialised:
             raise RuntimeError("GradientReducer.reduce before broadcast")
         for priority, (key, p) in enumerate(self.params):
             self.kv.push(key, p.list_grad(), priority=-priority)
+        if loss_sum is not None:
+            loss_sum = loss_sum.reshape((1,)).astype("float32", copy=False)
+            self.kv.push(LOSS_KEY, loss_sum, priority=-len(self.params))
         for priority, (key, p) in enumerate(self.params):
             self.kv.pull(key, out=p.list_grad(), priority=-priority)
+        if loss_sum is None:
+            return None
+        total = mx.nd.zeros((1,), ctx=loss_sum.context)
+        self.kv.pull(LOSS_KEY, out=total, priority=-len(self.params))
+        return total

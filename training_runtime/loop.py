@@ -278,10 +278,14 @@ class MetricsLog(RecordLog):
         """Drop the lines of ``epoch`` and later (a resumed run writes them again)."""
         self.keep(lambda r: r["epoch"] < epoch)
 
+    #: draw curves.png after every append (--figures all)
+    draw = True
+
     def append(self, record):
         super(MetricsLog, self).append(record)
-        with writing(self.curves):
-            self.plot()
+        if self.draw:
+            with writing(self.curves):
+                self.plot()
 
     def plot(self):
         """curves.png (training_runtime.plots.curves); a failure is a logged warning."""
@@ -355,14 +359,15 @@ class Runner(object):
             trainer = make_trainer(group.params, self.optim, group.optimizer_params)
             distributed.configure_trainer(trainer, self.runtime.kvstore)
             self.trainers[group.name] = schedule.attach(trainer, group.lr_mult, group.follows_schedule)
-        # data parallelism over processes (--kvstore dist_*): rank 0 of num_workers
-        self.rank, self.num_workers = distributed.rank_and_size(self.runtime.kvstore)
+        # data parallelism over processes (--kvstore dist_*): rank 0 of world_size workers
+        self.rank, self.world_size = distributed.rank_and_size(self.runtime.kvstore)
         kv = distributed.kvstore(self.runtime.kvstore)
         self.reducer = distributed.GradientReducer(kv, self.trainers) if kv is not None else None
         #: --amp: one dynamic loss scale for every trainer (training_runtime.mixed_precision)
         self.loss_scaling = (mixed_precision.LossScaling(self.trainers.values())
                              if getattr(self.runtime, "amp", False) else None)
         self.metrics = MetricsLog(save_dir, log)
+        self.metrics.draw = self.runtime.figures != "none"
         self.steps_log = StepLog(save_dir, log)
         #: () -> dict merged into every metrics.jsonl record (e.g. skipped-image counts)
         self.extra_record = extra_record or dict
@@ -382,17 +387,23 @@ class Runner(object):
                 "best": self.best if math.isfinite(self.best) else None,
                 "loss_sum": self.monitor.loss_sum, "loss_count": self.monitor.count,
                 "epoch_time": self._elapsed(), "batch_size": self.runtime.batch_size,
-                "seed": self.runtime.seed, "num_workers": self.num_workers}
+                "seed": self.runtime.seed, "world_size": self.world_size}
 
-    def save(self, best=False):
-        if self.rank != 0:  # rank 0 writes the checkpoints (every worker holds the same state)
-            return
-        arrays = checkpoint.capture(self.blocks, self.trainers, self.schedule, self._progress(),
-                                    self.meta, self.task.extra_state(), workdir=self.save_dir)
-        last = os.path.join(self.save_dir, checkpoint.LAST)
-        checkpoint.save(last, arrays)
-        if best:
-            checkpoint.link_atomic(last, os.path.join(self.save_dir, checkpoint.BEST))
+    def save(self, best=False, sync=True):
+        """Write RUN/last.ckpt (rank 0 only: every worker holds the same state), also as
+        best.ckpt with ``best``. --kvstore dist_*: then every worker takes rank 0's
+        BatchNorm statistics (what was saved: a resumed run continues as the
+        uninterrupted one; after the write, so a dead worker cannot hold it up);
+        ``sync=False`` (a signal: the other workers may not reach this point) skips that."""
+        if self.rank == 0:
+            arrays = checkpoint.capture(self.blocks, self.trainers, self.schedule, self._progress(),
+                                        self.meta, self.task.extra_state(), workdir=self.save_dir)
+            last = os.path.join(self.save_dir, checkpoint.LAST)
+            checkpoint.save(last, arrays)
+            if best:
+                checkpoint.link_atomic(last, os.path.join(self.save_dir, checkpoint.BEST))
+        if self.reducer is not None and sync:
+            self.reducer.sync_aux(self.step)
 
     def resume(self, path, check_meta=None):
         """Continue from the checkpoint ``path``; ``check_meta``: the meta entries
@@ -401,11 +412,9 @@ class Runner(object):
         if check_meta is None:
             check_meta = {k: v for k, v in self.meta.items() if k != "config"}
         progress, extra = checkpoint.restore(path, self.blocks, self.trainers, self.schedule, check_meta)
-        workers = progress.get("num_workers", 1)
-        if workers != self.num_workers:
-            raise UserError("--resume: %s was written by %d worker(s), this run has %d (the global "
-                            "batch, workers x --batch-size, and so the data order would change)"
-                            % (path, workers, self.num_workers))
+        mismatch = distributed.world_size_mismatch(progress, self.world_size, path)
+        if mismatch:
+            raise UserError(mismatch)
         for key in ("batch_size", "seed"):
             if progress[key] != getattr(self.runtime, key):
                 raise UserError("--resume: %s was written with --%s %s, this run has %s (the data "
@@ -435,12 +444,9 @@ class Runner(object):
 
         ``global_size``: the samples of the step over all workers (--kvstore dist_*:
         the gradients are summed over the workers first). Returns the summed loss of
-        this worker's batch as a device scalar (no host sync).
+        the step's batch as a device scalar (no host sync; dist: of the global batch).
         """
         data, label, index = batch
-        if self.reducer is not None and not self.reducer._initialised and all(
-                p._data is not None for _, p in self.reducer.params):
-            self.reducer.broadcast()  # rank 0's parameters on every worker
         ctx = self.ctx[:min(len(self.ctx), data.shape[0])]
         slices = [gluon.utils.split_and_load(x, ctx, even_split=False) for x in (data, label, index)]
         with autograd.record():
@@ -454,20 +460,25 @@ class Runner(object):
             scaled = losses if self.loss_scaling is None else self.loss_scaling.scale(losses)
         for loss in scaled:
             loss.backward()
-        skip = self.loss_scaling is not None and self.loss_scaling.overflow()
+        step_sum = mx.nd.add_n(*[loss.sum().as_in_context(self.ctx[0]) for loss in losses])
         if self.reducer is not None:
-            if not self.reducer._initialised:  # deferred shapes: known after the first forward
-                self.reducer.broadcast()
-            self.reducer.reduce()
-            for trainer in self.trainers.values():
-                if not skip:
-                    trainer.update(global_size or data.shape[0])
-        else:
-            for trainer in self.trainers.values():
-                if not skip:
-                    trainer.step(data.shape[0])
+            if not self.reducer.initialised:
+                # shapes deferred to the first forward: every worker initialised them from
+                # the same seed; checked (the gradients above used the local values)
+                self.reducer.broadcast(check_unchanged=True)
+            step_sum = self.reducer.reduce(step_sum)  # the global batch's loss
+        # --amp: an overflow anywhere skips every trainer's update (dist: checked on the
+        # summed gradients, so every worker decides alike)
+        skip = self.loss_scaling is not None and self.loss_scaling.overflow()
+        for trainer in self.trainers.values():
+            if skip:
+                continue
+            if self.reducer is not None:
+                trainer.update(global_size or data.shape[0])
+            else:
+                trainer.step(data.shape[0])
         self.task.after_step(self.epoch)
-        return mx.nd.add_n(*[loss.sum().as_in_context(self.ctx[0]) for loss in losses])
+        return step_sum
 
     def _elapsed(self):
         """Seconds spent in the current epoch (across resumes)."""
@@ -476,6 +487,8 @@ class Runner(object):
     def _end_epoch(self, partial=False):
         """Evaluate, apply the lr rule (complete epochs only), log; True if the metric improved."""
         self.monitor.check()
+        if self.reducer is not None:
+            self.reducer.sync_aux(self.step)  # every worker evaluates with rank 0's BatchNorm statistics
         metrics = {k: float(v) if isinstance(v, (int, float, np.number)) else v
                    for k, v in evaluate(self.task, self.val_set, self.ctx, self.config, self.epoch).items()}
         value = metrics[self.task.metric_name]
@@ -559,7 +572,7 @@ class Runner(object):
         """Save at the current step (unless just ``saved``) and raise RunInterrupted
         (after a SIGINT / SIGTERM)."""
         if not saved:
-            self.save()
+            self.save(sync=False)
         name = signal.Signals(self._signal).name
         raise RunInterrupted(
             "%s: stopped after step %d (epoch %d); the checkpoint is %s: continue with --resume "
@@ -576,6 +589,10 @@ class Runner(object):
         if self.rank == 0:
             checkpoint.check_free_space(self.save_dir, self.checkpoint_bytes())
         self._install_signal_handlers()
+        if self.reducer is not None and self.reducer.ready():
+            # rank 0's parameters (fresh or restored by --resume) on every worker before the
+            # first step; parameters with deferred shapes: after the first forward (train_step)
+            self.reducer.broadcast()
         try:
             self._run()
         except checkpoint.DivergedError as err:
@@ -591,8 +608,8 @@ class Runner(object):
     def _run_steps(self):
         """The number of steps the whole run makes (epochs and --max-steps)."""
         per_epoch = len(batch_indices(np.arange(len(self.train_set)),
-                                      self.runtime.batch_size * self.num_workers, 0,
-                                      min_batch=len(self.ctx) * self.num_workers))
+                                      self.runtime.batch_size * self.world_size, 0,
+                                      min_batch=len(self.ctx) * self.world_size))
         total = per_epoch * self.optim.epochs
         return min(total, self.runtime.max_steps) if self.runtime.max_steps else total
 
@@ -606,8 +623,8 @@ class Runner(object):
             order = epoch_order(runtime.seed, self.epoch, len(self.train_set))
             # with W workers a step is a global batch of W x --batch-size samples; worker r
             # trains its consecutive share of it (distributed.shard)
-            all_batches = batch_indices(order, runtime.batch_size * self.num_workers, 0,
-                                        min_batch=len(self.ctx) * self.num_workers)
+            all_batches = batch_indices(order, runtime.batch_size * self.world_size, 0,
+                                        min_batch=len(self.ctx) * self.world_size)
             batches = all_batches[self.batch_in_epoch:]
             batches = batches[:min(len(batches), self._steps_left())]
             bar = EpochProgress(self.epoch, len(all_batches), self.batch_in_epoch, self.step, run_steps)
@@ -621,15 +638,15 @@ class Runner(object):
                 batch = next(batch_iter)
                 reseed(runtime.seed, self.epoch, self.batch_in_epoch)
                 global_size = batch[0].shape[0]
-                if self.num_workers > 1:
+                if self.world_size > 1:
                     # every worker loads the whole global batch (so augmentation is that of
                     # one process) and trains its share
-                    part = distributed.shard(list(range(global_size)), self.rank, self.num_workers)
+                    part = distributed.shard(list(range(global_size)), self.rank, self.world_size)
                     batch = [x[part[0]:part[-1] + 1] for x in batch]
                 step_sum = self.train_step(batch, global_size)
                 self.step += 1
                 self.batch_in_epoch += 1
-                self.monitor.add(self.step, step_sum, batch[0].shape[0])
+                self.monitor.add(self.step, step_sum, global_size)
                 bar.update(batch[0].shape[0])
                 for callback in self.callbacks:
                     callback.on_step_end(self)
