@@ -7,15 +7,8 @@ Helpers shared by several test modules live in ``tests/helpers.py``.
 import json
 import os
 
-# Under pytest-xdist (pytest.ini) several test processes share the cores: give each
-# its share of OpenMP threads (inherited by the training subprocesses the tests
-# start), since oversubscribed OpenMP spin-waits cost more than they gain. Set
-# before anything imports mxnet; an explicit OMP_NUM_THREADS wins.
-if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1 and "OMP_NUM_THREADS" not in os.environ:
-    os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
-
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
+import numpy as np
+import pytest
 
 DEFAULT_GOLDEN_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "golden")
 GOLDEN_DIR = os.path.abspath(os.environ.get("GOLDEN_DIR") or DEFAULT_GOLDEN_DIR)
