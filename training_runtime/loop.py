@@ -105,6 +105,22 @@ _PR_SET_PDEATHSIG = 1
 _armed_pid = None
 
 
+def _default_sigterm_in_child():
+    """In a forked child (a DataLoader worker): SIGTERM back to its default action.
+    The runner's Python handler would otherwise be inherited, and a Python handler
+    runs only when the main thread next runs; a worker's MXNet engine threads can
+    take the signal while its main thread sleeps on the pool's queue lock, and the
+    worker then never exits (Pool.terminate sends SIGTERM and hangs in join: seen
+    with --num-workers 2, more often with OMP_NUM_THREADS=1)."""
+    try:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    except ValueError:  # not the child's main thread
+        pass
+
+
+os.register_at_fork(after_in_child=_default_sigterm_in_child)
+
+
 def die_with_parent(parent_pid):
     """In a process forked by ``parent_pid`` (a DataLoader worker): ask Linux to
     SIGKILL this process when its parent dies (a SIGKILLed run leaves no
@@ -301,6 +317,15 @@ def make_trainer(params, optim, optimizer_params=None):
     if optim.optimizer == "sgd":  # mxnet's SGD, same numbers, faster kernels (training_runtime.optim)
         return gluon.Trainer(params, fast_optim.SGD(**settings))
     return gluon.Trainer(params, optim.optimizer, settings)
+
+
+def close_workers(loader):
+    """End a gluon DataLoader's worker processes now (all its batches were read)
+    rather than whenever the loader is garbage-collected."""
+    pool, loader._worker_pool = loader._worker_pool, None
+    if pool is not None:
+        pool.terminate()
+        pool.join()
 
 
 def evaluation_batches(dataset, ctx, batch_size, num_workers=0, desc="eval"):
@@ -629,7 +654,8 @@ class Runner(object):
             batches = batches[:min(len(batches), self._steps_left())]
             bar = EpochProgress(self.epoch, len(all_batches), self.batch_in_epoch, self.step, run_steps)
             logged_sum, logged_count = self.monitor.loss_sum, self.monitor.count
-            batch_iter = iter(self._loader(batches))
+            loader = self._loader(batches)
+            batch_iter = iter(loader)
             for _ in batches:
                 if self._signal is not None:
                     self._stop_for_signal()
@@ -663,6 +689,9 @@ class Runner(object):
                 if (runtime.checkpoint_every and self.step % runtime.checkpoint_every == 0
                         and self.batch_in_epoch < len(all_batches) and self._steps_left() > 0):
                     self.save()
+            # this epoch's worker processes end here (not whenever the loader is collected)
+            batch_iter.close()
+            close_workers(loader)
             bar.close()
             if self.batch_in_epoch < len(all_batches):  # stopped by max_steps mid-epoch
                 self._end_epoch(partial=True)
