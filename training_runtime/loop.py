@@ -286,16 +286,15 @@ class MetricsLog(RecordLog):
     and reported through ``log``; a damaged earlier line is a UserError.
     """
 
-    def __init__(self, save_dir, log=print):
+    def __init__(self, save_dir, log=print, draw=True):
         super(MetricsLog, self).__init__(os.path.join(save_dir, METRICS_FILE), log)
         self.curves = os.path.join(save_dir, CURVES_FILE)
+        #: draw curves.png after every append (--figures all)
+        self.draw = draw
 
     def truncate(self, epoch):
         """Drop the lines of ``epoch`` and later (a resumed run writes them again)."""
         self.keep(lambda r: r["epoch"] < epoch)
-
-    #: draw curves.png after every append (--figures all)
-    draw = True
 
     def append(self, record):
         super(MetricsLog, self).append(record)
@@ -390,9 +389,8 @@ class Runner(object):
         self.reducer = distributed.GradientReducer(kv, self.trainers) if kv is not None else None
         #: --amp: one dynamic loss scale for every trainer (training_runtime.mixed_precision)
         self.loss_scaling = (mixed_precision.LossScaling(self.trainers.values())
-                             if getattr(self.runtime, "amp", False) else None)
-        self.metrics = MetricsLog(save_dir, log)
-        self.metrics.draw = self.runtime.figures != "none"
+                             if self.runtime.amp else None)
+        self.metrics = MetricsLog(save_dir, log, draw=self.runtime.figures != "none")
         self.steps_log = StepLog(save_dir, log)
         #: () -> dict merged into every metrics.jsonl record (e.g. skipped-image counts)
         self.extra_record = extra_record or dict
@@ -495,13 +493,12 @@ class Runner(object):
         # --amp: an overflow anywhere skips every trainer's update (dist: checked on the
         # summed gradients, so every worker decides alike)
         skip = self.loss_scaling is not None and self.loss_scaling.overflow()
-        for trainer in self.trainers.values():
-            if skip:
-                continue
-            if self.reducer is not None:
-                trainer.update(global_size or data.shape[0])
-            else:
-                trainer.step(data.shape[0])
+        if not skip:
+            for trainer in self.trainers.values():
+                if self.reducer is not None:
+                    trainer.update(global_size or data.shape[0])
+                else:
+                    trainer.step(data.shape[0])
         self.task.after_step(self.epoch)
         return step_sum
 
@@ -572,7 +569,8 @@ class Runner(object):
     # ---- signals: finish the step, checkpoint, exit 128 + signal -----------
     def _on_signal(self, signum, frame):
         if os.getpid() != self._pid or self._signal is not None:
-            # a DataLoader worker (it inherited the handler; Pool.terminate sends SIGTERM)
+            # a forked child that still has the handler (_default_sigterm_in_child resets
+            # SIGTERM at fork; SIGINT reaches one only if its forker did not ignore it)
             # or the second signal: leave at once
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
