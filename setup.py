@@ -13,6 +13,8 @@ setup(
                  "and of MC-Loss, S3N and center loss"),
     packages=find_packages(include=["imbalanced_attr*", "fgvc_gluon*", "training_runtime*"]),
     py_modules=["train_attr", "train_fgvc"],
+    # the C++ source of the native CPU kernels, built on first use (fgvc_gluon.native)
+    package_data={"fgvc_gluon": ["native/*.cc"]},
     python_requires=">=3.10",
     # the task families the runtime finds by name (training_runtime.registry.families)
     entry_points={"training_runtime.families": ["attr = imbalanced_attr.family:FAMILY",

@@ -7,9 +7,10 @@ response maps (``--maps blobs``: two Gaussian blobs per class plus a little nois
 
 Timed, best of ``--rounds`` interleaved rounds of ``--repeat`` calls: forward (outside autograd) and forward+backward (under record,
 backward of a random linear objective of both sampled images to radius, radius_inv, the 61×61
-filter and, unless ``--no-image-grad``, the images), for every ``resize_impl`` of
-:data:`fgvc_gluon.s3n.RESIZE_IMPLS` ('matmul' is the default, 'mxnet' the former path), in one run.
-Breakdown (default path): the grid resize and BilinearSampler alone, the rest by difference.
+filter and, unless ``--no-image-grad``, the images), in one run, for the port's variants
+(:data:`VARIANTS`: the former path, BilinearSampler with the matmul resize, and the default: the
+matmul resize with the native sampler of :mod:`fgvc_gluon.native`).
+Breakdown (default path): the grid resize and both samplers alone, the rest by difference.
 
 ``--upstream-script`` runs a timing script for upstream's PyTorch code (kept outside this
 repository) with ``--upstream-python`` on the same data; it gets
@@ -33,7 +34,7 @@ import time
 import numpy as np
 from mxnet import autograd, nd
 
-from fgvc_gluon import s3n
+from fgvc_gluon import native, s3n
 
 
 def loop_generate_map(images, class_response_maps, p, base_ratio, radius, radius_inv, resize_impl="mxnet"):
@@ -142,7 +143,13 @@ def best(function, repeat):
     return min(times)
 
 
-def time_port(args, arrays, resize_impl):
+#: (label, resize_impl, sampler_impl); the first is the reference of the "vs old" columns, the last the default
+VARIANTS = (("port, former (mxnet, mxnet)", "mxnet", "mxnet"),
+            ("port, matmul + BilinearSampler", "matmul", "mxnet"),
+            ("port, default (matmul+native)", "matmul", "native"))
+
+
+def time_port(args, arrays, resize_impl, sampler_impl):
     images, coarse, weight0, weight1 = [nd.array(a) for a in arrays]
     radius, radius_inv = nd.array([0.09]), nd.array([0.3])
     filter_weight = s3n._default_filter(images.context, "float32")
@@ -151,7 +158,7 @@ def time_port(args, arrays, resize_impl):
 
     def forward():
         return s3n.generate_map(images, crm_31(coarse, resize_impl), args.mode, 0.09, radius, radius_inv,
-                                filter_weight, resize_impl=resize_impl)
+                                filter_weight, resize_impl=resize_impl, sampler_impl=sampler_impl)
 
     def train():
         with autograd.record():
@@ -163,7 +170,7 @@ def time_port(args, arrays, resize_impl):
 
 
 def time_parts(args, arrays):
-    """Grid resize 31→S and BilinearSampler alone, per map, forward and forward+backward."""
+    """Grid resize 31→S and the samplers alone, per map, forward and forward+backward."""
     rng = np.random.RandomState(1)
     images = nd.array(arrays[0])
     if not args.no_image_grad:
@@ -187,13 +194,14 @@ def time_parts(args, arrays):
     grid = s3n.resize_align_corners(nd, coarse_grid, args.size, args.size)
     grid.attach_grad()
 
-    def sample_train():
-        with autograd.record():
-            out = nd.BilinearSampler(images, grid)
-        out.backward(nd.ones_like(out))
+    for label, impl in (("BilinearSampler", "mxnet"), ("native sampler", "native")):
+        def sample_train(impl=impl):
+            with autograd.record():
+                out = s3n.bilinear_sample(nd, images, grid, impl)
+            out.backward(nd.ones_like(out))
 
-    parts["BilinearSampler"] = (best(lambda: nd.BilinearSampler(images, grid), args.repeat),
-                                best(sample_train, args.repeat))
+        parts[label] = (best(lambda impl=impl: s3n.bilinear_sample(nd, images, grid, impl), args.repeat),
+                        best(sample_train, args.repeat))
     return parts
 
 
@@ -253,6 +261,9 @@ def main():
     parser.add_argument("--upstream-script", help="timing script for upstream's PyTorch code (outside the repo)")
     parser.add_argument("--upstream-python", default=sys.executable, help="python with torch for the script")
     args = parser.parse_args()
+    if not native.bilinear_sampler_available():
+        parser.error("the native sampler is unavailable (%s): python -m fgvc_gluon.native builds it"
+                     % native.unavailable_reason())
     for name in ("batch", "size", "classes", "crm_size", "repeat", "rounds"):
         if getattr(args, name) < 1:
             parser.error("--%s: expected a positive int, got %d" % (name.replace("_", "-"), getattr(args, name)))
@@ -275,26 +286,26 @@ def main():
     for _ in range(args.rounds):
         if args.upstream_script:
             keep_best("upstream (PyTorch)", time_upstream(args, arrays))
-        for impl in reversed(s3n.RESIZE_IMPLS):
-            keep_best("port, resize_impl=%s" % impl, time_port(args, arrays, impl))
+        for label, resize_impl, sampler_impl in VARIANTS:
+            keep_best(label, time_port(args, arrays, resize_impl, sampler_impl))
     parts = time_parts(args, arrays)
 
     print("generate_map p=%d, batch %d, input %d, %d classes, CAMs %d->31 (%s, %.1f peaks/sample), "
           "image grad %s, s per batch (best of %d×%d):"
           % (args.mode, args.batch, args.size, args.classes, args.crm_size, args.maps, peaks.mean(),
              "no" if args.no_image_grad else "yes", args.rounds, args.repeat))
-    reference = results["port, resize_impl=mxnet"]
-    print("  %-28s %9s %9s %12s %12s" % ("", "forward", "fwd+bwd", "fwd vs old", "f+b vs old"))
+    reference = results[VARIANTS[0][0]]
+    print("  %-32s %9s %9s %12s %12s" % ("", "forward", "fwd+bwd", "fwd vs old", "f+b vs old"))
     for name, (forward, train) in results.items():
-        print("  %-28s %9.3f %9.3f %11.2fx %11.2fx" % (name, forward, train, reference[0] / forward,
+        print("  %-32s %9.3f %9.3f %11.2fx %11.2fx" % (name, forward, train, reference[0] / forward,
                                                       reference[1] / train))
     print("  breakdown, per map (the whole call does two):")
     for name, (forward, train) in parts.items():
-        print("  %-28s %9.3f %9.3f" % (name, forward, train))
-    forward, train = results["port, resize_impl=matmul"]
-    rest = (forward - 2 * (parts["grid resize (matmul)"][0] + parts["BilinearSampler"][0]),
-            train - 2 * (parts["grid resize (matmul)"][1] + parts["BilinearSampler"][1]))
-    print("  %-28s %9.3f %9.3f" % ("rest of the call (whole)", rest[0], rest[1]))
+        print("  %-32s %9.3f %9.3f" % (name, forward, train))
+    forward, train = results[VARIANTS[-1][0]]
+    rest = (forward - 2 * (parts["grid resize (matmul)"][0] + parts["native sampler"][0]),
+            train - 2 * (parts["grid resize (matmul)"][1] + parts["native sampler"][1]))
+    print("  %-32s %9.3f %9.3f" % ("rest of the call (whole)", rest[0], rest[1]))
     if args.upstream_script:
         upstream = results["upstream (PyTorch)"]
         print("ratio upstream/port (default): forward %.2fx, fwd+bwd %.2fx" % (upstream[0] / forward,

@@ -18,7 +18,12 @@ What lives here
   31×31, sampling grid 31×31 → S×S) as two matrix products with the
   interpolation matrices, several times faster on CPU than
   ``contrib.BilinearResize2D`` (kept as ``resize_impl='mxnet'``, see
-  :data:`RESIZE_IMPLS`); the sampling itself is MXNet's ``BilinearSampler``.
+  :data:`RESIZE_IMPLS`).
+- The sampling itself (:func:`bilinear_sample`): on CPU a multi-threaded
+  kernel of our own (:mod:`fgvc_gluon.native`, built on first use), because
+  MXNet 1.9.1's CPU ``BilinearSampler`` runs on one thread; the same formula,
+  equal to float32 rounding; ``BilinearSampler`` on GPUs, without a C++
+  compiler, and in exported graphs (see :data:`SAMPLER_IMPLS`).
 - :class:`S3N`: the whole network (a HybridBlock; ``net(x, p)``).
 - :func:`multi_smooth_loss`, :func:`smooth_loss`: the upstream criterion (they
   live in :mod:`fgvc_gluon.losses`, re-exported here).
@@ -73,6 +78,10 @@ GATE_TOP = 5
 #: products with the interpolation matrices (fast, default), 'mxnet' = contrib.BilinearResize2D
 #: (the former path)
 RESIZE_IMPLS = ("matmul", "mxnet")
+#: how the images are sampled at the grid: 'native' = fgvc_gluon.native's OpenMP kernel (CPU only),
+#: 'mxnet' = BilinearSampler (one thread on CPU; MXNet's GPU kernel), 'auto' = native on CPU
+#: contexts when it builds, else mxnet. Both give the same numbers to float32 rounding.
+SAMPLER_IMPLS = ("auto", "native", "mxnet")
 MODES = (0, 1, 2)
 #: the backbones S3N accepts: the model-zoo ResNets (their last stage gives the N×F×h×w maps)
 BACKBONES = RESNET_BACKBONES
@@ -81,7 +90,8 @@ RECIPE = dict(backbone="resnet50_v1", image_size=448, lr=0.001, momentum=0.9, wd
               epochs=60, schedule="step", lr_steps=[39], lr_factor=0.1)
 
 __all__ = ["make_gaussian", "gaussian_kernel", "mean_threshold", "find_peaks", "create_grid", "generate_map",
-           "multi_smooth_loss", "smooth_loss", "resize_align_corners", "RESIZE_IMPLS", "S3N", "S3NMethod",
+           "multi_smooth_loss", "smooth_loss", "resize_align_corners", "RESIZE_IMPLS", "SAMPLER_IMPLS",
+           "resolve_sampler_impl", "bilinear_sample", "S3N", "S3NMethod",
            "build_method", "BACKBONES", "RECIPE"]
 
 
@@ -228,8 +238,9 @@ def _filtered_moments(F, saliency_padded, filter_weight):
     index = F.contrib.arange_like(saliency_padded, axis=2)                             # 0..90
     out_index = F.slice_axis(index, axis=0, begin=0, end=GRID_SIZE)                    # 0..30
     kernel_index = F.slice_axis(index, axis=0, begin=0, end=FILTER_SIZE)               # 0..60
-    row_index = F.broadcast_add(F.reshape(out_index, (-1, 1)), F.reshape(kernel_index, (1, -1)))
-    rows = F.reshape(F.take(saliency_padded, row_index, axis=2),         # N×1×31×61×91
+    # 31 row bands as slices: several times faster on CPU than one take with row_index
+    rows = F.reshape(F.concat(*[F.slice_axis(saliency_padded, axis=2, begin=oy, end=oy + FILTER_SIZE)
+                                for oy in range(GRID_SIZE)], dim=1),      # N×31×61×91
                      (-1, FILTER_SIZE * GLOBAL_SIZE))                      # (N·31)×(61·91)
     kx = F.broadcast_sub(F.reshape(index, (-1, 1)), F.reshape(out_index, (1, -1)))      # 91×31
     inside = (kx >= 0) * (kx < FILTER_SIZE)
@@ -315,6 +326,38 @@ def _check_resize_impl(resize_impl, owner):
     return resize_impl
 
 
+def resolve_sampler_impl(sampler_impl, contexts=None, owner="S3N"):
+    """'native' or 'mxnet' for ``sampler_impl`` in :data:`SAMPLER_IMPLS` on ``contexts``
+    (a Context or a list, default cpu). 'native' on a GPU context or without the built
+    kernel raises ValueError saying why."""
+    from . import native
+    if sampler_impl not in SAMPLER_IMPLS:
+        raise ValueError("%s sampler_impl: expected one of %s, got %r"
+                         % (owner, ", ".join(SAMPLER_IMPLS), sampler_impl))
+    if sampler_impl == "mxnet":
+        return "mxnet"
+    contexts = contexts if isinstance(contexts, (list, tuple)) else [contexts or mx.cpu()]
+    on_cpu = all(ctx.device_type == "cpu" for ctx in contexts)
+    if sampler_impl == "auto":
+        return "native" if on_cpu and native.bilinear_sampler_available() else "mxnet"
+    if not on_cpu:
+        raise ValueError("%s sampler_impl 'native': the native sampler runs on CPU only, got %s"
+                         % (owner, contexts))
+    if not native.bilinear_sampler_available():
+        raise ValueError("%s sampler_impl 'native': unavailable (%s)" % (owner, native.unavailable_reason()))
+    return "native"
+
+
+def bilinear_sample(F, images, grid, sampler_impl="mxnet"):
+    """BilinearSampler(images N×C×H×W, grid N×2×H'×W' (x, y) in [-1, 1]) -> N×C×H'×W'.
+
+    ``sampler_impl`` is a resolved one ('native' or 'mxnet', :func:`resolve_sampler_impl`).
+    """
+    if sampler_impl == "native":
+        return F.s3n_bilinear_sampler(images, grid)
+    return F.BilinearSampler(images, grid)
+
+
 def create_grid(saliency_padded, input_size, filter_weight=None, resize_impl="matmul"):
     """Upstream ``S3N.create_grid`` (S3N-7): N×1×91×91 padded saliency → N×S×S×2 grid.
 
@@ -347,7 +390,10 @@ def _decide_maps(F, class_response_maps, num_classes, dtype):
     """
     top = min(GATE_TOP, num_classes)
     flat = F.reshape(class_response_maps, (0, 0, -1))                      # N×K×961
-    probs = F.softmax(F.mean(flat, axis=2), axis=1)                         # N×K
+    # the spatial mean as a matrix product with 1/961 (MXNet's CPU mean is ~10× slower here)
+    column = F.ones_like(F.slice_axis(F.slice_axis(flat, axis=0, begin=0, end=1), axis=1, begin=0, end=1))
+    mean = F.dot(F.reshape(flat, (-1, GRID_SIZE ** 2)), F.reshape(column, (-1, 1)) / float(GRID_SIZE ** 2))
+    probs = F.softmax(F.reshape(mean, (-1, num_classes)), axis=1)           # N×K
     top_probs, top_classes = F.topk(probs, axis=1, k=top, ret_typ="both", dtype=dtype)  # N×top
     gate = F.sum(top_probs * F.log(top_probs), axis=1)                      # N
     # one-hot selection of the top maps (exact: x·1 + 0s) instead of a per-sample gather
@@ -417,14 +463,16 @@ def _mode_selection(F, scores, peaks, mode, dtype):
 
 
 def _generate(F, images, class_response_maps, mode, radius, radius_inv, filter_weight,
-              num_classes, base_ratio, out_size=None, dtype="float32", resize_impl="matmul"):
+              num_classes, base_ratio, out_size=None, dtype="float32", resize_impl="matmul",
+              sampler_impl="mxnet"):
     """Core of :func:`generate_map`, written for both nd and sym (HybridBlock) use.
 
     images N×3×H×W, class_response_maps N×K×31×31, mode (1,), radius and
     radius_inv (1,), filter_weight 1×1×61×61. Returns a dict: ``zoom`` and
     ``complement`` (N×3×S×S), ``scores`` / ``peaks`` / ``to_zoom`` /
     ``to_complement`` (N×961: normalised decide map, 0/1 masks), ``xs`` /
-    ``xs_inv`` (N×31×31 saliency), ``grid`` / ``grid_inv`` (N×2×S×S).
+    ``xs_inv`` (N×31×31 saliency), ``grid`` / ``grid_inv`` (N×2×S×S). ``sampler_impl``:
+    'native' or 'mxnet' (resolved, see :func:`resolve_sampler_impl`).
     """
     class_response_maps = F.stop_gradient(class_response_maps)
     scores, valid = _decide_maps(F, class_response_maps, num_classes, dtype)
@@ -446,7 +494,7 @@ def _generate(F, images, class_response_maps, mode, radius, radius_inv, filter_w
         grid = _saliency_grid(F, padded, filter_weight, like=images, out_size=out_size,
                               resize_impl=resize_impl, dtype=dtype)
         result["grid" + name] = grid
-        result["zoom" if not name else "complement"] = F.BilinearSampler(images, grid)
+        result["zoom" if not name else "complement"] = bilinear_sample(F, images, grid, sampler_impl)
     return result
 
 
@@ -460,7 +508,7 @@ def _as_data(value, ctx, dtype="float32"):
 
 
 def generate_map(images, class_response_maps, p, base_ratio, radius, radius_inv,
-                 filter_weight=None, return_details=False, resize_impl="matmul"):
+                 filter_weight=None, return_details=False, resize_impl="matmul", sampler_impl="auto"):
     """Upstream ``S3N.generate_map``: (zoomed, complementary) images, each N×3×S×S.
 
     images: N×3×S×S NDArray (gradients flow to it); class_response_maps:
@@ -472,7 +520,8 @@ def generate_map(images, class_response_maps, p, base_ratio, radius, radius_inv,
     A decide map without peaks (a constant one, S3N-1/2) gives saliency maps
     of only base_ratio. With ``return_details`` also returns a dict of the
     intermediates (see :func:`_generate`). ``resize_impl``: how the 31×31
-    grid is resized to S×S, see :data:`RESIZE_IMPLS`.
+    grid is resized to S×S, see :data:`RESIZE_IMPLS`; ``sampler_impl``: how the images
+    are sampled, see :data:`SAMPLER_IMPLS`.
     """
     _check_resize_impl(resize_impl, "generate_map")
     if not isinstance(images, nd.NDArray) or images.ndim != 4:
@@ -489,13 +538,16 @@ def generate_map(images, class_response_maps, p, base_ratio, radius, radius_inv,
     if p not in MODES:
         raise ValueError("generate_map p: expected 0, 1 or 2, got %r" % (p,))
     ctx, dtype = images.context, np.dtype(images.dtype).name
+    sampler_impl = resolve_sampler_impl(sampler_impl, ctx, "generate_map")
+    if sampler_impl == "native" and dtype != "float32":
+        sampler_impl = "mxnet"      # the native kernel is float32 only
     if filter_weight is None:
         filter_weight = _default_filter(ctx, dtype)
     result = _generate(nd, images, _as_data(class_response_maps, ctx, dtype),
                        nd.array([p], ctx=ctx, dtype=dtype),
                        _as_data(radius, ctx, dtype), _as_data(radius_inv, ctx, dtype),
                        _as_data(filter_weight, ctx, dtype), crm_shape[1], float(base_ratio),
-                       dtype=dtype, resize_impl=resize_impl)
+                       dtype=dtype, resize_impl=resize_impl, sampler_impl=sampler_impl)
     if return_details:
         return result["zoom"], result["complement"], result
     return result["zoom"], result["complement"]
@@ -532,14 +584,17 @@ class S3N(gluon.HybridBlock):
     ``radius_inv`` and ``filter`` (the sampler's 61×61 Gaussian) are
     Parameters. ``image_size`` is the side of the zoomed images
     (upstream's task_input_size). ``resize_impl``: how the sampling grid is
-    resized to image_size, see :data:`RESIZE_IMPLS`.
+    resized to image_size, see :data:`RESIZE_IMPLS`; ``sampler_impl``: how the
+    images are sampled (:data:`SAMPLER_IMPLS`), resolved for ``ctx`` (the
+    contexts the network will run on, default cpu) into ``self.sampler_impl``.
     """
 
     def __init__(self, num_classes, backbone="resnet50_v1", pretrained=False, image_size=448,
                  radius=0.09, radius_inv=0.3, base_ratio=0.09, num_features=None, resize_impl="matmul",
-                 **kwargs):
+                 sampler_impl="auto", ctx=None, **kwargs):
         super(S3N, self).__init__(**kwargs)
         self.resize_impl = _check_resize_impl(resize_impl, "S3N")
+        self.sampler_impl = resolve_sampler_impl(sampler_impl, ctx)
         for name, value, minimum in (("num_classes", num_classes, 2), ("image_size", image_size, 1)):
             if not isinstance(value, numbers.Integral) or isinstance(value, bool):
                 raise TypeError("%s: expected an int >= %d for S3N, got %r" % (name, minimum, value))
@@ -592,6 +647,8 @@ class S3N(gluon.HybridBlock):
     def cast(self, dtype):
         """Cast parameters (and the sampler's index arithmetic) to ``dtype``."""
         self.dtype = np.dtype(dtype).name
+        if self.dtype != "float32":
+            self.sampler_impl = "mxnet"     # the native kernel is float32 only
         super(S3N, self).cast(dtype)
 
     def forward(self, x, p=0, *args):
@@ -621,7 +678,7 @@ class S3N(gluon.HybridBlock):
         maps = self.class_response_maps(F, feature_raw, raw_classifier_weight, raw_classifier_bias)
         sampled = _generate(F, x, maps, p, radius, radius_inv, filter, self.num_classes,
                             self.base_ratio, out_size=self.image_size, dtype=self.dtype,
-                            resize_impl=self.resize_impl)
+                            resize_impl=self.resize_impl, sampler_impl=self.sampler_impl)
         pooled_zoom = F.mean(self.sampler_buffer(self.features(sampled["zoom"])), axis=(2, 3))
         pooled_comp = F.mean(self.sampler_buffer1(self.features(sampled["complement"])), axis=(2, 3))
         zoom = self.sampler_classifier(pooled_zoom)
@@ -723,8 +780,11 @@ class S3NMethod(FGVCTask):
 
     def inference_block(self, epoch):
         """N×3×S×S -> the concat logits N×K at ``evaluation_mode(epoch)`` (the mode a
-        constant of the graph; mode 1, epochs <= 20, draws random numbers as predict does)."""
+        constant of the graph; mode 1, epochs <= 20, draws random numbers as predict does).
+        The graph samples with MXNet's BilinearSampler (``net.sampler_impl`` is set to
+        'mxnet'), so that the exported files load without this package's native kernel."""
         mode = float(evaluation_mode(epoch))
+        self.net.sampler_impl = "mxnet"
 
         def concat(F, x, net):
             first = F.slice_axis(F.reshape(x, (-1,)), axis=0, begin=0, end=1)  # (1,)
@@ -745,7 +805,7 @@ class S3NMethod(FGVCTask):
 
 def build_method(num_classes, backbone=RECIPE["backbone"], pretrained=False, image_size=RECIPE["image_size"],
                  radius=0.09, radius_inv=0.3, base_ratio=0.09, smooth_ratio=SMOOTH_RATIO,
-                 loss_weight=None, ctx=None, hybridize=True):
+                 loss_weight=None, ctx=None, hybridize=True, sampler_impl="auto"):
     """S3N as an :class:`~fgvc_gluon.task.FGVCTask`, initialised on ``ctx`` (a context or a list;
     default cpu).
 
@@ -754,7 +814,8 @@ def build_method(num_classes, backbone=RECIPE["backbone"], pretrained=False, ima
     their upstream values (CUB config: 0.09, 0.3, makeGaussian(61, 13)).
     radius, radius_inv: > 0; base_ratio: >= 0; smooth_ratio: [0, 1] or None
     (plain cross entropy on the smoothed branches); loss_weight: branch index
-    -> weight (see :func:`multi_smooth_loss`).
+    -> weight (see :func:`multi_smooth_loss`); sampler_impl: see :data:`SAMPLER_IMPLS`
+    (resolved for ``ctx``).
     """
     num_classes = check_num_classes(num_classes, "S3N")
     image_size = check_int(image_size, "image_size", minimum=1, owner="S3N")
@@ -766,7 +827,8 @@ def build_method(num_classes, backbone=RECIPE["backbone"], pretrained=False, ima
     if smooth_ratio is not None and not 0.0 <= float(smooth_ratio) <= 1.0:
         raise ValueError("smooth_ratio: expected a value in [0, 1] or None, got %r" % (smooth_ratio,))
     net = S3N(num_classes, backbone=backbone, pretrained=pretrained, image_size=image_size,
-              radius=radius, radius_inv=radius_inv, base_ratio=base_ratio)
+              radius=radius, radius_inv=radius_inv, base_ratio=base_ratio, sampler_impl=sampler_impl,
+              ctx=ctx)
     ctx = ctx or mx.cpu()
     net.initialize(mx.init.Xavier(rnd_type="gaussian", factor_type="in", magnitude=2), ctx=ctx)
     net.collect_params().reset_ctx(ctx)    # pretrained backbone weights are loaded on cpu only
@@ -780,7 +842,10 @@ register_method(
     knobs=[Knob("radius", float, 0.09, "initial radius (> 0)", minimum=1e-6),
            Knob("radius_inv", float, 0.3, "initial radius_inv (> 0)", minimum=1e-6),
            Knob("base_ratio", float, 0.09, "base ratio of the maps", minimum=0.0),
-           smooth_ratio_knob()],
+           smooth_ratio_knob(),
+           Knob("sampler_impl", str, "auto", "image sampler: auto (native on CPU when it builds), "
+                "native (fgvc_gluon.native's multi-threaded CPU kernel) or mxnet (BilinearSampler); "
+                "same numbers to float32 rounding", choices=SAMPLER_IMPLS)],
     recipe=RECIPE,
     demo=dict(backbone="resnet18_v1", image_size=48, lr=0.001, train_limit=1000, val_limit=500),
     pretrained=True,

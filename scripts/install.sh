@@ -36,3 +36,6 @@ fi
 "$VENV/bin/python" -m pip install -q --upgrade "pip<25" >/dev/null 2>&1 || true
 echo "[install] pip install -e .[$EXTRAS]"
 "$VENV/bin/python" -m pip install -q -e ".[$EXTRAS]"
+# S3N's multi-threaded CPU sampler (fgvc_gluon/native): built once now instead of at the first S3N run;
+# without a C++ compiler S3N falls back to MXNet's BilinearSampler (same numbers, slower)
+"$VENV/bin/python" -m fgvc_gluon.native || true

@@ -355,13 +355,13 @@ def test_multi_smooth_loss_bad_weight_key():
 FORWARD_CASE = "s3n_forward_public_01.npz"
 
 
-def _stand_in_network(data, resize_impl="matmul"):
+def _stand_in_network(data, resize_impl="matmul", sampler_impl="auto"):
     """The golden case's model: features = AvgPool(4) + Conv1×1(3→2048), identity buffers."""
     features = nn.HybridSequential(prefix="standin_")
     with features.name_scope():
         features.add(nn.AvgPool2D(4), nn.Conv2D(2048, 1, in_channels=3))
     net = s3n.S3N(5, backbone=features, num_features=2048, image_size=int(data["input_x"].shape[-1]),
-                  resize_impl=resize_impl)
+                  resize_impl=resize_impl, sampler_impl=sampler_impl)
     net.initialize()
     features[1].weight.set_data(nd.array(data["features_conv_weight"]))
     features[1].bias.set_data(nd.array(data["features_conv_bias"]))
@@ -379,10 +379,12 @@ def _stand_in_network(data, resize_impl="matmul"):
     return net
 
 
-@pytest.mark.parametrize("hybridize,resize_impl", [(False, "matmul"), (True, "matmul"), (True, "mxnet")])
-def test_forward_golden_stand_in_backbone(hybridize, resize_impl):
+@pytest.mark.parametrize("hybridize,resize_impl,sampler_impl",
+                         [(False, "matmul", "auto"), (True, "matmul", "auto"), (True, "mxnet", "auto"),
+                          (True, "matmul", "mxnet")])
+def test_forward_golden_stand_in_backbone(hybridize, resize_impl, sampler_impl):
     data = load_golden(FORWARD_CASE)
-    net = _stand_in_network(data, resize_impl)
+    net = _stand_in_network(data, resize_impl, sampler_impl)
     if hybridize:
         net.hybridize()
     images = nd.array(data["input_x"])
