@@ -1,7 +1,11 @@
 """Mutual-Channel loss (Chang et al., TIP 2020), ported from PRIS-CV/Mutual-Channel-Loss.
 
-The loss looks at the last conv features F (N × c·ξ × H × W), whose channels
-are grouped consecutively, ξ per class (channel k belongs to class k // ξ).
+The loss looks at the last conv features F (N × C × H × W), whose channels
+are grouped consecutively per class: ξ per class (C = c·ξ, channel k belongs
+to class k // ξ), or per-class groups of unequal size given as runs of
+``(count, ξ)`` in channel order (upstream MC_ResNet50.py: 2048 channels,
+``((152, 10), (48, 11))``, :func:`near_equal_groups`). Each run is one
+reshaped block (no loop over the classes).
 
 - CCMP (cross-channel max pooling): max over the ξ channels of each group.
   Ties go to the FIRST channel of the group, like upstream's max_pool2d over
@@ -10,30 +14,40 @@ are grouped consecutively, ξ per class (channel k belongs to class k // ξ).
 - L_dis: F ⊙ mask → CCMP → global average → softmax cross entropy (mean over
   the batch). Dropped channels are multiplied by 0, not removed, so a zero
   takes part in the max (MC-3: for negative features the dropped channel wins).
+  With runs, the runs' pooled classes are concatenated in order first.
 - L_div: softmax of every channel over its H·W positions (UNMASKED features,
-  MC-4) → CCMP → sum over positions → mean over (N, c) → ``1 − mean/ξ``.
-- Training objective: CE(classifier) + α·L_dis + β·L_div, α = 1.5, β = 20.
+  MC-4) → CCMP → sum over positions → mean over (N, c) → ``1 − mean/ξ``;
+  with several runs, the SUM over the runs of each run's ``1 − mean/ξ``
+  (upstream MC_ResNet50.py adds its two groups' terms), so one run is the
+  equal-ξ term exactly.
+- Training objective: CE(classifier) + α·L_dis + β·L_div; α = 1.5, β = 20
+  (CUB-200-2011.py, VGG16 / ResNet-18) or α = 0.0005, β = 0.005
+  (MC_ResNet50.py's ``CE + 0.0005·(L_dis + 10·L_div)``), :data:`LOSS_WEIGHTS`
+  per backbone, chosen when the ``alpha`` / ``beta`` knobs are None.
 
 Mask (MC-1, MC-2): upstream's ``Mask()`` keeps 2 of 3 channels per class for
-exactly 200 classes, drawing with Python's global ``random``, one mask shared
-by the whole batch and redrawn every call. :class:`MCLoss` generalises the
-rule: per class ``keep`` of ξ channels (default ``ceil(ξ/2)``, i.e. 2 of 3 as
-upstream), one mask for the batch, redrawn each call, drawn with numpy: by default from numpy's
+exactly 200 classes (MC_ResNet50.py: 6 of 10, then 7 of 11), drawing with
+Python's global ``random``, one mask shared by the whole batch and redrawn
+every call. :class:`MCLoss` generalises the rule: per class ``keep`` of ξ
+channels (default ``ceil(ξ/2)``, i.e. 2 of 3 as upstream; one count per run
+for groups, resnet50_mc: :func:`resnet50_keep`, ξ − ⌊2ξ/5⌋), one mask for the
+batch, redrawn each call, drawn with numpy: by default from numpy's
 global generator, which the training runtime reseeds from (seed, epoch, step)
 before every step (training_runtime.loop.reseed), so the masks are
 reproducible and an exact resume replays them; ``seed=`` gives the block its
 own ``numpy.random.RandomState`` instead. :func:`upstream_mask` replays upstream's Python-``random``
-procedure exactly (golden case mcloss_public_04).
+procedure exactly (golden case mcloss_public_04; for runs, one list per run).
 
 Differences from upstream that never change the numbers of the upstream
 configuration: the average pool is global (upstream's AvgPool2d(height) is
-global only when height == H, MC-5) and maps need not be square; the ResNet-18
-classifier max-pools globally (upstream's MaxPool2d(14) is global for 224
-inputs). On several devices each device slice draws its own mask (upstream
-draws one per step); masks are i.i.d. either way.
+global only when height == H, MC-5) and maps need not be square; the ResNet
+classifiers max-pool globally (upstream's MaxPool2d(14) is global for 224
+inputs with ResNet-18 and 448 with ResNet-50). On several devices each
+device slice draws its own mask (upstream draws one per step); masks are
+i.i.d. either way.
 
-Networks (upstream trains them from scratch; initialised like PyTorch's
-defaults, except that Conv/Dense biases start at 0):
+Networks (VGG16 / ResNet-18: upstream trains them from scratch; initialised
+like PyTorch's defaults, except that Conv/Dense biases start at 0):
 
 - :func:`vgg16_bn_mc`: VGG16-BN with the last conv of blocks 4 and 5 widened
   to c·ξ channels (``[64,64,M,128,128,M,256,256,256,M,512,512,cξ,M,512,512,cξ]``),
@@ -42,19 +56,37 @@ defaults, except that Conv/Dense biases start at 0):
 - :func:`resnet18_mc`: ResNet-18 whose last stage has c·ξ channels and
   stride 1 (14×14 for 224 inputs); classifier branch global max-pool → BN →
   Dense 512 → BN → ELU → Dense c.
+- :func:`resnet50_mc`: upstream MC_ResNet50.py (commit 9e495cc): the
+  model-zoo ResNet-50 v1 (``resnet50_v1``, ImageNet weights with
+  ``pretrained``; upstream: torchvision's ResNet-50, stride in the 3×3 conv)
+  up to its last stage, no extra layer: its 2048 channels (14×14 at 448) are
+  split by :func:`near_equal_groups` (ξ = 2048 // c for the first classes,
+  +1 for the last 2048 mod c; error for c > 2048); the classifier branch as
+  resnet18_mc's. Trained with two parameter groups, ``backbone`` and
+  ``classifier`` at ×10 its lr (upstream 0.01 / 0.1).
 
-``width`` scales every conv width except the c·ξ MC layers (small test nets).
-Both return ``(logits N×c, features N×cξ×H×W)`` in training mode
-(``autograd.is_training()``) and logits alone otherwise.
+``width`` scales every conv width except the c·ξ MC layers (small test nets;
+resnet50_mc: every width, its groups split the scaled last stage; 1 for
+``pretrained``). All return ``(logits N×c, features N×C×H×W)`` in training
+mode (``autograd.is_training()``) and logits alone otherwise.
 
 Method (:class:`MCLossMethod`, registered as 'mcloss'): images N×3×S×S ->
-``net`` -> logits N×c (and, in training, the N×cξ×H×W features); per-sample
+``net`` -> logits N×c (and, in training, the N×C×H×W features); per-sample
 loss CE_i + α·L_dis_i + β·L_div_i, (N,). Upstream settings (:data:`RECIPE`,
 also the ``defaults`` keys of :class:`fgvc_gluon.task.FGVCTask`): vgg16_bn_mc
 at 224 from scratch, SGD lr 0.1, momentum 0.9, wd 5e-4, batch 32, 300 epochs,
 lr ×0.1 at 0-based epochs 149 and 224 (upstream's 1-based ``epoch == 150`` /
 ``epoch == 225``), input resized to 224×224 (``resize`` None), ``train_crop``
 'pad_random' with ``pad`` 4, flip, mean = std = (0.5, 0.5, 0.5).
+``--backbone resnet50_mc`` runs MC_ResNet50.py's recipe instead
+(:data:`RESNET50_RECIPE`, registered as the backbone's own recipe, so the
+command line layers it over :data:`RECIPE`): ImageNet weights, 448 px
+(train: resize 600×600, random 448 crop, flip; eval: resize 600×600, center
+crop; 600 scales as 600/448 at other sizes), mean = std = 0.5, batch 64,
+lr 0.01 for the backbone and ×10 for the classifier, momentum 0.9, wd 5e-4,
+300 epochs of the ``cosine`` schedule (training_runtime.schedule.CosineSchedule,
+upstream's ``cosine_anneal_schedule`` at the 1-based epoch), α 0.0005, β 0.005.
+docs/REPRODUCE.md §2 lists the deviations from that script.
 
 Errors: wrong shapes, types and out-of-range arguments raise ValueError or
 TypeError naming the argument.
@@ -650,4 +682,5 @@ register_method(
     pretrained=False,
     backbones=BACKBONES,
     backbone_recipes={"resnet50_mc": RESNET50_RUN},
-    summary="Mutual-Channel loss (TIP 2020): CE + alpha L_dis + beta L_div on c*xi-channel features")
+    summary="Mutual-Channel loss (TIP 2020): CE + alpha L_dis + beta L_div on c*xi-channel features "
+            "(resnet50_mc: ImageNet ResNet-50, its 2048 channels in per-class groups)")

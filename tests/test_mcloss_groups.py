@@ -314,3 +314,17 @@ def test_cosine_schedule_follows_upstream_formula_and_log():
                                                                       for t in (1, 2, 3, 0)])
     with pytest.raises(ValueError, match="cosine"):
         make_schedule(OptimConfig(lr=0.02, epochs=4, schedule="linear"))
+
+
+def test_resnet50_mc_unavailable_imagenet_weights_are_a_one_line_error(tmp_path, fashion_mnist_dir):
+    """--backbone resnet50_mc loads ImageNet weights as upstream: without the files and without
+    network, one clear line naming the model-zoo network, status 2."""
+    from resume_harness import run_script
+    env = {"MXNET_HOME": str(tmp_path / "mxnet"), "MXNET_GLUON_REPO": "http://127.0.0.1:9/"}
+    proc = run_script("train_fgvc.py", ["--method", "mcloss", "--backbone", "resnet50_mc", "--pretrained",
+                                        "--width", "1", "--image-size", "32", "--max-steps", "1",
+                                        "--train-limit", "4", "--figures", "none",
+                                        "--save-dir", str(tmp_path / "run")], env=env, expect=2)
+    assert "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: --pretrained: ") and "resnet50_v1" in last, last
