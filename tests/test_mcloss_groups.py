@@ -209,7 +209,7 @@ def test_resnet50_mc_full_network_shapes():
     assert [(g.name, g.lr_mult) for g in groups] == [("backbone", 1.0), ("classifier", 10.0)]
     backbone, classifier = (set(g.params.keys()) for g in groups)
     assert not backbone & classifier and backbone | classifier == set(method.net.collect_params().keys())
-    assert len(classifier) == 12   # 3 BatchNorms x 4 + 2 Dense x 2, minus nothing: BN(2048), BN(512)
+    assert len(classifier) == 12   # BN(2048), BN(512): 4 each; two Dense: weight and bias
 
 
 def test_resnet50_mc_method_small():
