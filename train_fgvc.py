@@ -4,16 +4,19 @@
     python train_fgvc.py --method s3n --dataset cub-s3n --data-dir CUB   # S3N's upstream setting
     python train_fgvc.py --test RUN_DIR                         # top-1 on the test split (per branch for S3N)
     python train_fgvc.py --method mcloss --records DIR          # splits packed by training_runtime.records
+    python train_fgvc.py --method mcloss --backbone resnet50_mc --data-dir CUB --gpus 0,1   # MC_ResNet50.py
 
 Every method is a task (fgvc_gluon.task.FGVCTask) registered in
 fgvc_gluon.registry.METHODS with its knobs, its upstream recipe and its demo
 overrides (listed below): one SGD Trainer per parameter group (lr = schedule
 lr x the group's multiplier; the center-loss centers keep their own fixed
-lr), the step lr rule, evaluation every epoch (top-1 of the main branch
-drives the best checkpoint; S3N also reports each branch), metrics.jsonl,
-curves.png, best/last checkpoints and exact resume (training_runtime,
-shared with train_attr.py). Epochs are 0-based. ImageNet weights are loaded
-for baseline and s3n as upstream.
+lr), the step lr rule (cosine for MC-Loss ResNet-50), evaluation every epoch
+(top-1 of the main branch drives the best checkpoint; S3N also reports each
+branch), metrics.jsonl, curves.png, best/last checkpoints and exact resume
+(training_runtime, shared with train_attr.py). Epochs are 0-based. ImageNet
+weights are loaded for baseline, s3n and mcloss --backbone resnet50_mc as
+upstream; a backbone with its own upstream recipe ("upstream with --backbone"
+below) takes its values over the method's.
 
 Demo (no --data-dir): the 10 Fashion-MNIST classes, 3,000 training and 1,000
 validation images (s3n: 1,000 and 500), 3 epochs, batch 32, no lr steps, no

@@ -473,7 +473,7 @@ class PadRandomCrop(Block):
         return mx.image.fixed_crop(x, x0, y0, self._size, self._size)
 
 
-TRAIN_CROPS = ("random_resized", "pad_random", "resize")
+TRAIN_CROPS = ("random_resized", "pad_random", "resize", "resize_random")
 
 
 def s3n_test_resize(image_size):
@@ -489,7 +489,10 @@ def make_transform(defaults, train):
 
     train: 'random_resized' = RandomResizedCrop(S, scale=crop_scale, ratio
     3/4..4/3); 'pad_random' = resize to S×S, zero-pad ``pad``, random S crop;
-    'resize' = resize to S×S; then a random horizontal flip if ``flip``.
+    'resize' = resize to S×S; 'resize_random' = resize to the ``resize``
+    (width, height) pair, then a random S×S crop (torchvision
+    Resize((600, 600)) + RandomCrop(448), MC-Loss ResNet-50); then a random
+    horizontal flip if ``flip``.
     eval: ``resize`` int -> short side to resize, center crop S; a
     (width, height) pair -> resize to exactly that (S3N upstream resizes test
     images to 600×600), center crop S; None -> resize to S×S. Then pixels/255,
@@ -512,6 +515,12 @@ def make_transform(defaults, train):
                       PadRandomCrop(size, int(defaults.get("pad") or 0))]
         elif crop == "resize":
             steps.append(transforms.Resize((size, size)))
+        elif crop == "resize_random":
+            resize = defaults.get("resize")
+            if resize is None or np.isscalar(resize) or min(int(v) for v in resize) < size:
+                raise UserError("defaults['resize']: train_crop 'resize_random' needs a (width, height) "
+                                "pair of at least image_size=%d, got %r" % (size, resize))
+            steps += [transforms.Resize(tuple(int(v) for v in resize)), PadRandomCrop(size, 0)]
         else:
             raise UserError("defaults['train_crop']: expected one of %s, got %r"
                             % (", ".join(TRAIN_CROPS), crop))

@@ -120,27 +120,44 @@ def class_group(features, k, xi):
     return features[:, k * xi:(k + 1) * xi]
 
 
+#: channels drawn per class group (resnet50_mc's groups have 10-11, more for fewer classes):
+#: the strongest ones, in channel order
+MC_SHOWN_CHANNELS = 5
+
+
+def shown_channels(group, limit=MC_SHOWN_CHANNELS):
+    """Indices into a ξ×H×W group of the channels to draw: all when ξ <= limit, else the
+    ``limit`` with the largest maxima, in channel order."""
+    if len(group) <= limit:
+        return list(range(len(group)))
+    strongest = np.argsort(-group.reshape(len(group), -1).max(axis=1), kind="stable")[:limit]
+    return sorted(int(j) for j in strongest)
+
+
 def mcloss_pictures(task, batches, directory, epoch):
     data, labels = _gather(batches)
     if not data:
         return []
-    xi = task.mc_loss.xi
+    block = task.mc_loss
     parts = [mc_channel_maps(task.net, x) for x in data]
     features = np.concatenate([p[0] for p in parts])
     logits = np.concatenate([p[1] for p in parts])
     images = _images(task, data)
-    rows, columns = len(images), 1 + 2 * xi
+    width = min(max(size for _, size in block.groups), MC_SHOWN_CHANNELS)
+    rows, columns = len(images), 1 + 2 * width
     figure = new_figure(1.7 * columns, 1.9 * rows)
     for n in range(rows):
         true, predicted = int(labels[n]), int(np.argmax(logits[n]))
         show_image(figure.add_subplot(rows, columns, n * columns + 1), images[n],
                    "true %s\npredicted %s" % (_class_name(task, true), _class_name(task, predicted)))
         for g, (what, k) in enumerate((("true", true), ("pred", predicted))):
-            group = class_group(features[n:n + 1], k, xi)[0]
-            for j in range(xi):
-                overlay(figure.add_subplot(rows, columns, n * columns + 2 + g * xi + j), images[n], group[j],
-                        "%s %s ch %d\n(max %.3g)" % (what, _class_name(task, k), k * xi + j, group[j].max()))
-    figure.suptitle("MC-Loss channel groups after epoch %d (xi=%d)" % (epoch, xi), fontsize=9)
+            start, size = block.class_channels(k)
+            group = features[n, start:start + size]
+            for i, j in enumerate(shown_channels(group)):
+                overlay(figure.add_subplot(rows, columns, n * columns + 2 + g * width + i), images[n], group[j],
+                        "%s %s ch %d\n(max %.3g)" % (what, _class_name(task, k), start + j, group[j].max()))
+    xi = "xi=%d" % block.xi if block.xi is not None else "groups " + " + ".join("%dx%d" % r for r in block.groups)
+    figure.suptitle("MC-Loss channel groups after epoch %d (%s)" % (epoch, xi), fontsize=9)
     return [save_figure(figure, os.path.join(directory, "mcloss_epoch%d.png" % epoch), grid=True)]
 
 

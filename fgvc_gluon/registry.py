@@ -62,7 +62,8 @@ def _builder(build_method, knobs):
     return build
 
 
-def register_method(name, build_method, knobs, recipe, demo, pretrained, backbones, summary):
+def register_method(name, build_method, knobs, recipe, demo, pretrained, backbones, summary,
+                    backbone_recipes=None):
     """Register method ``name`` in :data:`METHODS`; returns its MethodEntry.
 
     build_method: ``build_method(num_classes, backbone=, image_size=, pretrained=,
@@ -72,7 +73,10 @@ def register_method(name, build_method, knobs, recipe, demo, pretrained, backbon
     image_size, lr, momentum, wd, batch_size, epochs, schedule, lr_steps,
     lr_factor); demo: the method's demo overrides, merged over
     :data:`DEMO_COMMON`; pretrained: upstream loads ImageNet weights;
-    backbones: the names build_method accepts; summary: one line.
+    backbones: the names build_method accepts; summary: one line;
+    backbone_recipes: backbone -> the values of another upstream script that
+    trains that backbone (recipe fields, ``pretrained``), layered over
+    ``recipe`` when a run uses it.
     """
     knobs = tuple(knobs)
     accepted = signature_defaults(build_method)
@@ -82,6 +86,7 @@ def register_method(name, build_method, knobs, recipe, demo, pretrained, backbon
                              % (name, knob.name, knob.keyword))
     entry = MethodEntry(name, _builder(build_method, knobs), knobs=knobs, recipe=_copied(recipe),
                         demo=_copied(dict(DEMO_COMMON, **demo)), pretrained=pretrained,
-                        backbones=tuple(backbones), summary=summary)
+                        backbones=tuple(backbones), summary=summary,
+                        backbone_recipes={k: _copied(v) for k, v in (backbone_recipes or {}).items()})
     entry.build_method = build_method
     return METHODS.register(entry)

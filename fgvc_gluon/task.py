@@ -152,7 +152,8 @@ class FGVCTask(TrainingTask):
     #:   resize (int or None: eval resizes the short side to this, then center-crops
     #:           image_size; a (w, h) pair resizes to exactly that first; None resizes
     #:           straight to image_size),
-    #:   train_crop ('random_resized' | 'pad_random' | 'resize'),
+    #:   train_crop ('random_resized' | 'pad_random' | 'resize' | 'resize_random': resize to the
+    #:               ``resize`` pair, then a random image_size crop),
     #:   crop_scale ((lo, hi) area fraction for 'random_resized'),
     #:   pad (int, zero padding for 'pad_random'; the image is first resized to image_size),
     #:   flip (bool, random horizontal flip in training),

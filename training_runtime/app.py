@@ -48,6 +48,9 @@ def recipes_text(family):
         upstream = dict(entry.recipe, pretrained=entry.pretrained)
         lines.append("  %s%s" % (entry.name, ": " + entry.summary if entry.summary else ""))
         lines.append("    upstream: " + ", ".join("%s=%s" % kv for kv in sorted(upstream.items())))
+        for backbone, values in sorted(getattr(entry, "backbone_recipes", {}).items()):
+            lines.append("    upstream with --backbone %s: " % backbone
+                         + ", ".join("%s=%s" % kv for kv in sorted(values.items()) if kv[0] != "backbone"))
         if entry.knobs:
             lines.append("    knobs:    " + ", ".join("%s=%s" % (k.name, k.default) for k in entry.knobs))
         if entry.demo:

@@ -93,9 +93,11 @@ class OptimConfig:
     wd: Optional[float] = _field(None, "weight decay", minimum=0.0)
     epochs: Optional[int] = _field(None, "number of epochs", positive=True, resumable=True)
     schedule: Optional[str] = _field(None, "lr rule: plateau (the attribute original's: /10 after 10 "
-                                           "epochs without a better metric, at most 3 times) or step "
-                                           "(x --lr-factor at each --lr-steps epoch)",
-                                     choices=("plateau", "step"))
+                                           "epochs without a better metric, at most 3 times), step "
+                                           "(x --lr-factor at each --lr-steps epoch) or cosine (lr/2 x "
+                                           "(cos(pi ((e+1) mod E) / E) + 1) at 0-based epoch e of "
+                                           "E = --epochs)",
+                                     choices=("plateau", "step", "cosine"))
     lr_steps: List[int] = _field([], "0-based epochs where the step rule multiplies the lr by "
                                      "--lr-factor", nargs="*", minimum=0)
     lr_factor: float = _field(0.1, "lr multiplier of the step rule", positive=True)
@@ -331,8 +333,9 @@ def default_dataset(family, given):
 
 
 def resolve(family, given):
-    """The RunConfig of a new run: field defaults <- the method's recipe <- its demo
-    overrides (demo data only) <- ``given`` (name -> value). UserError naming the
+    """The RunConfig of a new run: field defaults <- the method's recipe (with the
+    run's backbone's own recipe over it, when it has one) <- its demo overrides
+    (demo data only) <- ``given`` (name -> value). UserError naming the
     flag for any invalid value or combination."""
     if given.get("records") and given.get("data_dir"):
         raise UserError("--records and --data-dir: give one or the other (the records hold the images)")
@@ -348,9 +351,11 @@ def resolve(family, given):
         owners = [e.name for e in family.methods.values() if any(k.name == foreign[0] for k in e.knobs)]
         raise UserError("%s: only for --method %s (this run is --method %s)"
                         % (_flag(foreign[0]), " or ".join(owners), method))
-    layered = dict(pretrained=entry.pretrained)
-    layered.update(entry.recipe)
     demo = is_demo(family, dataset)
+    # the backbone decides which upstream recipe applies (a method may have one per backbone)
+    backbone = given.get("backbone") or (entry.demo.get("backbone") if demo else None) \
+        or entry.recipe.get("backbone")
+    layered = entry.recipe_for(backbone)
     if demo:
         layered.update(pretrained=False)
         layered.update(entry.demo)

@@ -131,12 +131,20 @@ class MethodEntry(object):
     of the recipe for the embedded demo data; pretrained: upstream loads
     ImageNet weights into the backbone; backbones: the accepted backbone
     names; summary: one line for ``--help``; foreign_weights: what other
-    weight files the task's ``load_foreign_weights`` reads (None: none).
+    weight files the task's ``load_foreign_weights`` reads (None: none);
+    backbone_recipes: backbone name -> the run-definition values (recipe
+    fields, ``pretrained``) of the upstream script that trains that backbone,
+    layered over ``recipe`` when a run uses it (e.g. MC-Loss's resnet50_mc:
+    448 px, batch 64, cosine lr, ImageNet weights).
     """
 
     def __init__(self, name, build, knobs=(), recipe=None, demo=None, pretrained=False,
-                 backbones=(), summary="", foreign_weights=None):
+                 backbones=(), summary="", foreign_weights=None, backbone_recipes=None):
         self.foreign_weights = foreign_weights
+        self.backbone_recipes = {k: dict(v) for k, v in (backbone_recipes or {}).items()}
+        unknown = sorted(set(self.backbone_recipes) - set(backbones))
+        if unknown:
+            raise ValueError("method %s: backbone_recipes for unknown backbones %s" % (name, unknown))
         self.name, self.build, self.knobs = name, build, tuple(knobs)
         self.recipe, self.demo = dict(recipe or {}), dict(demo or {})
         self.pretrained, self.backbones, self.summary = bool(pretrained), tuple(backbones), summary
@@ -149,6 +157,14 @@ class MethodEntry(object):
             if knob.name == name:
                 return knob
         raise KeyError(name)
+
+    def recipe_for(self, backbone):
+        """The upstream values of a run with ``backbone``: ``pretrained``, the recipe, then the
+        backbone's own recipe when it has one."""
+        values = dict(pretrained=self.pretrained)
+        values.update(self.recipe)
+        values.update(self.backbone_recipes.get(backbone, {}))
+        return values
 
     def default_options(self):
         return collections.OrderedDict((k.name, k.default) for k in self.knobs)

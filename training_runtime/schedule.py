@@ -15,6 +15,10 @@ Two rules:
   the patience.
 - :class:`StepSchedule`, the FGVC rule: the lr of epoch e (0-based) is
   ``base_lr * factor ** (number of steps s with s <= e)``.
+- :class:`CosineSchedule`, upstream MC-Loss ResNet-50's ``cosine_anneal_schedule``:
+  the lr of 0-based epoch e of E is ``base_lr / 2 * (cos(pi * ((e + 1) mod E) / E) + 1)``
+  (upstream evaluates it at the 1-based epoch t = e + 1, so the last epoch,
+  t = E, is back at ``base_lr``, as its log shows).
 
 MXNet's ``lr_scheduler`` classes count optimizer updates inside each optimizer
 (one counter per Trainer, lost unless the optimizer is pickled) and cannot
@@ -22,6 +26,8 @@ react to a validation metric, so they do not fit a state shared by many
 Trainers; the rules here are epoch based and apply the lr with
 ``trainer.set_learning_rate``.
 """
+import math
+
 from .errors import UserError
 
 
@@ -147,10 +153,43 @@ class StepSchedule(LRSchedule):
         return self.base_lr * self.factor ** drops
 
 
+class CosineSchedule(LRSchedule):
+    """lr(epoch) = base_lr / 2 × (cos(π · ((epoch + 1) mod period) / period) + 1), epochs 0-based.
+
+    Upstream PRIS-CV/Mutual-Channel-Loss MC_ResNet50.py (commit 9e495cc):
+    ``cosine_anneal_schedule(t)`` with ``nb_epoch`` = period, called with the
+    1-based epoch t at the start of every epoch (no ``t - 1``, although its
+    comment mentions it): t = 1 gives just below base_lr, t = period − 1 the
+    smallest lr, t = period (``t % period == 0``) base_lr again. The period
+    is the run's --epochs (a resume that changes --epochs re-times the curve);
+    the state saved is the base class's (lr, base_lr), the lr being a function
+    of the epoch.
+    """
+
+    def __init__(self, base_lr, period):
+        super(CosineSchedule, self).__init__(base_lr)
+        period = int(period)
+        if period < 1:
+            raise UserError("--epochs: the cosine schedule needs a positive number of epochs, got %r"
+                            % (period,))
+        self.period = period
+        self.lr = self.lr_for_epoch(0)
+
+    def lr_for_epoch(self, epoch):
+        t = int(epoch) + 1   # upstream's 1-based epoch
+        return float(self.base_lr / 2 * (math.cos(math.pi * (t % self.period) / self.period) + 1))
+
+
+SCHEDULES = ("plateau", "step", "cosine")
+
+
 def make_schedule(optim):
-    """The schedule of an OptimConfig: 'plateau' or 'step' (lr_steps, lr_factor)."""
+    """The schedule of an OptimConfig: 'plateau', 'step' (lr_steps, lr_factor) or 'cosine'
+    (over ``epochs``)."""
     if optim.schedule == "plateau":
         return PlateauSchedule(optim.lr)
     if optim.schedule == "step":
         return StepSchedule(optim.lr, optim.lr_steps, optim.lr_factor)
-    raise ValueError("schedule: expected 'plateau' or 'step', got %r" % (optim.schedule,))
+    if optim.schedule == "cosine":
+        return CosineSchedule(optim.lr, optim.epochs)
+    raise ValueError("schedule: expected one of %s, got %r" % (", ".join(SCHEDULES), optim.schedule))
