@@ -107,7 +107,7 @@ from training_runtime.registry import Knob
 from .registry import register_method
 from .data import s3n_test_resize
 from .task import FGVCTask, InferenceBranch, ParamGroup, check_int, check_num_classes, optimisation_defaults
-from .zoo import model_zoo_network
+from .zoo import features_without_pool, model_zoo_network
 
 BACKBONES = ("vgg16_bn_mc", "resnet18_mc", "resnet50_mc")
 #: upstream settings (PRIS-CV/Mutual-Channel-Loss, CUB) as run-definition fields
@@ -532,11 +532,7 @@ def resnet50_features(width=1.0, pretrained=False):
         channels = tuple(_scaled(c, width) for c in RESNET50_CHANNELS)
         channels = (channels[0],) + tuple(max(4, c) for c in channels[1:])  # bottlenecks use c // 4
         zoo = vision.resnet.ResNetV1(vision.resnet.BottleneckV1, list(RESNET50_LAYERS), list(channels))
-    features = nn.HybridSequential(prefix="")
-    for layer in zoo.features:
-        if not isinstance(layer, (nn.GlobalAvgPool2D, nn.Flatten)):
-            features.add(layer)
-    return features, channels[-1]
+    return features_without_pool(zoo), channels[-1]
 
 
 def resnet50_mc(num_classes, width=1.0, pretrained=False, ctx=None):

@@ -64,7 +64,7 @@ from .data import s3n_test_resize
 from .losses import SMOOTH_RATIO, multi_smooth_loss, smooth_loss, smooth_ratio_knob
 from .registry import register_method
 from .task import FGVCTask, InferenceBranch, ParamGroup, check_int, check_num_classes, optimisation_defaults
-from .zoo import RESNET_BACKBONES, check_backbone, model_zoo_network
+from .zoo import RESNET_BACKBONES, check_backbone, features_without_pool, model_zoo_network
 
 GRID_SIZE = 31            # side of the class response maps and saliency maps (S3N-10)
 PADDING = 30              # replicate padding before the sampler's Gaussian filter
@@ -348,6 +348,11 @@ def resolve_sampler_impl(sampler_impl, contexts=None, owner="S3N"):
     return "native"
 
 
+def _sampler_for_dtype(sampler_impl, dtype):
+    """A resolved ``sampler_impl`` for data of ``dtype``: the native kernel is float32 only."""
+    return "mxnet" if sampler_impl == "native" and np.dtype(dtype).name != "float32" else sampler_impl
+
+
 def bilinear_sample(F, images, grid, sampler_impl="mxnet"):
     """BilinearSampler(images N×C×H×W, grid N×2×H'×W' (x, y) in [-1, 1]) -> N×C×H'×W'.
 
@@ -538,9 +543,7 @@ def generate_map(images, class_response_maps, p, base_ratio, radius, radius_inv,
     if p not in MODES:
         raise ValueError("generate_map p: expected 0, 1 or 2, got %r" % (p,))
     ctx, dtype = images.context, np.dtype(images.dtype).name
-    sampler_impl = resolve_sampler_impl(sampler_impl, ctx, "generate_map")
-    if sampler_impl == "native" and dtype != "float32":
-        sampler_impl = "mxnet"      # the native kernel is float32 only
+    sampler_impl = _sampler_for_dtype(resolve_sampler_impl(sampler_impl, ctx, "generate_map"), dtype)
     if filter_weight is None:
         filter_weight = _default_filter(ctx, dtype)
     result = _generate(nd, images, _as_data(class_response_maps, ctx, dtype),
@@ -560,13 +563,7 @@ def generate_map(images, class_response_maps, p, base_ratio, radius, radius_inv,
 def _zoo_features(backbone, pretrained):
     """Model-zoo ResNet features without the global pooling, and their channel count."""
     check_backbone(backbone, BACKBONES, "S3N")
-    net = model_zoo_network(backbone, pretrained)
-    features = nn.HybridSequential(prefix="")
-    layers = list(net.features)
-    while layers and isinstance(layers[-1], (nn.GlobalAvgPool2D, nn.Flatten)):
-        layers.pop()
-    for layer in layers:
-        features.add(layer)
+    features = features_without_pool(model_zoo_network(backbone, pretrained))
     depth = int(backbone[len("resnet"):].split("_")[0])
     return features, (512 if depth < 50 else 2048)
 
@@ -647,8 +644,7 @@ class S3N(gluon.HybridBlock):
     def cast(self, dtype):
         """Cast parameters (and the sampler's index arithmetic) to ``dtype``."""
         self.dtype = np.dtype(dtype).name
-        if self.dtype != "float32":
-            self.sampler_impl = "mxnet"     # the native kernel is float32 only
+        self.sampler_impl = _sampler_for_dtype(self.sampler_impl, self.dtype)
         super(S3N, self).cast(dtype)
 
     def forward(self, x, p=0, *args):

@@ -60,6 +60,18 @@ def model_zoo_network(backbone, pretrained=False):
                         % (backbone, type(err).__name__, str(err).splitlines()[0] if str(err) else ""))
 
 
+def features_without_pool(network):
+    """``network.features`` (a model-zoo ResNet) without its trailing global pool / flatten:
+    a HybridSequential of the same layers (same parameters and names), N×3×S×S → N×F×h×w."""
+    layers = list(network.features)
+    while layers and isinstance(layers[-1], (nn.GlobalAvgPool2D, nn.Flatten)):
+        layers.pop()
+    features = nn.HybridSequential(prefix="")
+    for layer in layers:
+        features.add(layer)
+    return features
+
+
 def initialize_new_layers(net, new_layers, pretrained, ctx=None):
     """Initialise ``new_layers`` (all of ``net`` unless ``pretrained``) and put ``net`` on ``ctx``
     (a context or a list; default cpu)."""

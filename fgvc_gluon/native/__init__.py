@@ -3,7 +3,7 @@
 One kernel today: ``s3n_bilinear_sampler`` (``bilinear_sampler.cc``), S3N's bilinear
 sampling of N×C×H×W images at an N×2×H'×W' grid with OpenMP, because MXNet 1.9.1's CPU
 ``BilinearSampler`` runs on one thread and dominates S3N's map generation. Same formula as
-``BilinearSampler`` (equal to float32 rounding, tests/test_s3n.py); CPU only (on GPUs MXNet's
+``BilinearSampler`` (equal to float32 rounding, tests/test_native_sampler.py); CPU only (on GPUs MXNet's
 own kernel is parallel and is used).
 
 Build: ``g++ -shared -fPIC -O3 -fopenmp`` against the headers and ``src/lib_api.cc`` that
