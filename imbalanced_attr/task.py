@@ -28,6 +28,7 @@ import collections
 import os
 import sys
 
+import mxnet as mx
 import numpy as np
 from mxnet.gluon import HybridBlock
 
@@ -220,10 +221,25 @@ class AttributeTask(TrainingTask):
                                                            [s.detach() for s in scores])))
         return loss
 
-    def after_step(self, epoch):
-        for index, prediction in self._recorded:
-            self.history.update(index, prediction, epoch)
+    def begin_step(self, batch):
+        self._step_batch = batch
         self._recorded = []
+
+    def after_step(self, epoch):
+        """Record the step's predictions in the history: those of the whole global batch
+        (gathered from every device slice and, with --kvstore dist_*, every worker), so
+        the history does not depend on how the batch was split."""
+        recorded, self._recorded = self._recorded, []
+        if not recorded or epoch < self.history.start_epoch:
+            return
+        batch = getattr(self, "_step_batch", None)
+        if batch is None:  # called outside the runner: the slices' own indices
+            for index, prediction in recorded:
+                self.history.update(index, prediction, epoch)
+            return
+        ctx = self.history.ctx
+        predictions = mx.nd.concat(*[p.as_in_context(ctx) for _, p in recorded], dim=0)
+        self.history.update(batch.global_index, batch.gather("history", predictions), epoch)
 
     def predict(self, data, epoch):
         logits, scores = self.net(data)

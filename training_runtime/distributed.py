@@ -82,37 +82,46 @@ def configure_trainer(trainer, kind):
     return trainer
 
 
+def shard_bounds(n, rank, size):
+    """(start, stop) of worker ``rank``'s part of a global batch of ``n`` samples over
+    ``size`` workers: consecutive, sizes differing by at most one (N // size or
+    N // size + 1, the larger ones first)."""
+    start = rank * (n // size) + min(rank, n % size)
+    return start, start + n // size + (1 if rank < n % size else 0)
+
+
 def shard(batch, rank, size):
     """The part of the global ``batch`` (list of sample indices) that worker ``rank`` of
-    ``size`` trains: consecutive, sizes differing by at most one (a global batch of
-    N samples gives each worker N // size or N // size + 1)."""
-    n = len(batch)
-    start = rank * (n // size) + min(rank, n % size)
-    return batch[start:start + n // size + (1 if rank < n % size else 0)]
+    ``size`` trains (:func:`shard_bounds`)."""
+    start, stop = shard_bounds(len(batch), rank, size)
+    return batch[start:stop]
 
 
 class GradientReducer(object):
     """Sums every trainer's gradients over all devices and workers through one dist kvstore.
 
     trainers: ordered dict group name -> Trainer. Keys are ``"group/parameter name"``
-    (``"aux/group/parameter name"`` for the parameters without gradient: BatchNorm's
-    running statistics). :meth:`broadcast` (once, before the first update) makes every
+    (``"aux/parameter name"`` for ``statistics``, the parameters without gradient:
+    BatchNorm's running statistics, frozen layers; default: those of the trainers). :meth:`broadcast` (once, before the first update) makes every
     worker's parameters rank 0's; :meth:`reduce` after every backward pass;
     :meth:`sync_aux` before every evaluation and checkpoint.
     """
 
-    def __init__(self, kv, trainers):
+    def __init__(self, kv, trainers, statistics=None):
         self.kv = kv
         self.params = [("%s/%s" % (group, p.name), p) for group, trainer in trainers.items()
                        for p in trainer._params if p.grad_req != "null"]
-        self.aux = [("aux/%s/%s" % (group, p.name), p) for group, trainer in trainers.items()
-                    for p in trainer._params if p.grad_req == "null"]
+        if statistics is None:
+            statistics = [p for trainer in trainers.values() for p in trainer._params
+                          if p.grad_req == "null"]
+        self.aux = [("aux/%s" % p.name, p) for p in statistics]
         keys = [key for key, _ in self.params + self.aux]
         if len(set(keys)) != len(keys):
             raise ValueError("GradientReducer: duplicate kvstore keys %s"
                              % sorted({k for k in keys if keys.count(k) > 1}))
         self.initialised = False
         self._synced_step = None
+        self._summed_keys = set()
 
     def ready(self):
         """True when every parameter has its shape (deferred ones get it at the first forward)."""
@@ -165,6 +174,20 @@ class GradientReducer(object):
         for _, p in self.aux:
             for data in p.list_data():
                 data.wait_to_read()
+
+    def all_sum(self, name, value):
+        """The sum of ``value`` (an NDArray, float32) over every worker: a collective
+        (every worker calls it with the same ``name`` and shape, in the same order).
+        A key per name and shape, created at its first use (a barrier). Returns a new
+        NDArray on ``value``'s context; no host sync."""
+        key = "%s/%s" % (name, "x".join(str(d) for d in value.shape))
+        if key not in self._summed_keys:
+            self.kv.init(key, mx.nd.zeros(value.shape, dtype=value.dtype))
+            self._summed_keys.add(key)
+        total = mx.nd.zeros(value.shape, ctx=value.context, dtype=value.dtype)
+        self.kv.push(key, value)
+        self.kv.pull(key, out=total)
+        return total
 
     def reduce(self, loss_sum=None):
         """Every device's gradient := the sum of the gradients of every device of every worker.

@@ -48,6 +48,7 @@ from . import optim as fast_optim
 from .progress import EpochProgress, RecordLog, StepLog, start_line
 from .errors import RunInterrupted, UserError, writing
 from .task import ParamGroup  # noqa: F401  (re-exported: its historical home)
+from .task import StepBatch
 
 ARGS_FILE = "args.json"
 RESUMES_FILE = "resumes.jsonl"
@@ -239,6 +240,28 @@ def use_sync_batchnorm(block, num_devices):
     return replaced
 
 
+def statistics_params(blocks):
+    """The parameters without gradient (BatchNorm running statistics, frozen layers) of
+    ``blocks`` (dict name -> Block), each once, in a fixed order."""
+    seen, found = set(), []
+    for block in blocks.values():
+        for param in block.collect_params().values():
+            if param.grad_req == "null" and id(param) not in seen:
+                seen.add(id(param))
+                found.append(param)
+    return found
+
+
+def share_first_device(params):
+    """Every device's copy of each of ``params`` := the first device's (one set of BatchNorm
+    statistics in a process: each device updates its own from its slices, and evaluation
+    splits batches over the devices). Asynchronous (no host sync)."""
+    for param in params:
+        copies = param.list_data() if param._data is not None else []
+        for other in copies[1:]:
+            copies[0].copyto(other)
+
+
 def progress_bar(total, desc, initial=0):
     """A tqdm bar on stderr (silent when stderr is not a terminal)."""
     return tqdm(total=total, initial=initial, desc=desc, file=sys.stderr,
@@ -385,8 +408,12 @@ class Runner(object):
             self.trainers[group.name] = schedule.attach(trainer, group.lr_mult, group.follows_schedule)
         # data parallelism over processes (--kvstore dist_*): rank 0 of world_size workers
         self.rank, self.world_size = distributed.rank_and_size(self.runtime.kvstore)
+        #: BatchNorm running statistics and frozen parameters: one set per run (first device of
+        #: rank 0) before every evaluation and checkpoint (:meth:`share_statistics`)
+        self.statistics = statistics_params(self.blocks)
         kv = distributed.kvstore(self.runtime.kvstore)
-        self.reducer = distributed.GradientReducer(kv, self.trainers) if kv is not None else None
+        self.reducer = (distributed.GradientReducer(kv, self.trainers, self.statistics)
+                        if kv is not None else None)
         #: --amp: one dynamic loss scale for every trainer (training_runtime.mixed_precision)
         self.loss_scaling = (mixed_precision.LossScaling(self.trainers.values())
                              if self.runtime.amp else None)
@@ -425,7 +452,15 @@ class Runner(object):
             checkpoint.save(last, arrays)
             if best:
                 checkpoint.link_atomic(last, os.path.join(self.save_dir, checkpoint.BEST))
-        if self.reducer is not None and sync:
+        if sync:
+            self.share_statistics()
+
+    def share_statistics(self):
+        """One set of BatchNorm statistics for the run: every device of every worker takes the
+        first device's of rank 0 (what checkpoints save, what evaluation uses, what a resumed
+        run starts from; README "Devices and workers"). --kvstore dist_*: a collective."""
+        share_first_device(self.statistics)
+        if self.reducer is not None:
             self.reducer.sync_aux(self.step)
 
     def resume(self, path, check_meta=None):
@@ -457,9 +492,12 @@ class Runner(object):
 
     # ---- training ---------------------------------------------------------
     def _loader(self, batches):
-        """The loader of this epoch's remaining ``batches`` (lists of indices): one
-        for the epoch, its workers prefetch 2 batches each."""
-        return gluon.data.DataLoader(self.train_set, batch_sampler=epoch_keys(self.epoch, batches),
+        """The loader of this process's share of this epoch's remaining ``batches`` (global
+        batches, lists of indices; --kvstore dist_*: each worker reads and augments only its
+        share, seeded per sample as in one process): one for the epoch, its workers
+        prefetch 2 batches each."""
+        shares = [distributed.shard(b, self.rank, self.world_size) for b in batches]
+        return gluon.data.DataLoader(self.train_set, batch_sampler=epoch_keys(self.epoch, shares),
                                      num_workers=self.config.data.num_workers)
 
     def train_step(self, batch, global_size=None):
@@ -470,6 +508,12 @@ class Runner(object):
         the step's batch as a device scalar (no host sync; dist: of the global batch).
         """
         data, label, index = batch
+        global_size = global_size or data.shape[0]
+        offset = distributed.shard_bounds(global_size, self.rank, self.world_size)[0]
+        self.task.begin_step(StepBatch(
+            self.epoch, self.step, label, index, global_size, offset,
+            loss_scale=self.loss_scaling.loss_scale if self.loss_scaling is not None else 1.0,
+            all_sum=self.reducer.all_sum if self.reducer is not None else None))
         ctx = self.ctx[:min(len(self.ctx), data.shape[0])]
         slices = [gluon.utils.split_and_load(x, ctx, even_split=False) for x in (data, label, index)]
         with autograd.record():
@@ -496,7 +540,7 @@ class Runner(object):
         if not skip:
             for trainer in self.trainers.values():
                 if self.reducer is not None:
-                    trainer.update(global_size or data.shape[0])
+                    trainer.update(global_size)
                 else:
                     trainer.step(data.shape[0])
         self.task.after_step(self.epoch)
@@ -509,8 +553,7 @@ class Runner(object):
     def _end_epoch(self, partial=False):
         """Evaluate, apply the lr rule (complete epochs only), log; True if the metric improved."""
         self.monitor.check()
-        if self.reducer is not None:
-            self.reducer.sync_aux(self.step)  # every worker evaluates with rank 0's BatchNorm statistics
+        self.share_statistics()  # every device and worker evaluates with the same statistics
         metrics = {k: float(v) if isinstance(v, (int, float, np.number)) else v
                    for k, v in evaluate(self.task, self.val_set, self.ctx, self.config, self.epoch).items()}
         value = metrics[self.task.metric_name]
@@ -654,19 +697,15 @@ class Runner(object):
             logged_sum, logged_count = self.monitor.loss_sum, self.monitor.count
             loader = self._loader(batches)
             batch_iter = iter(loader)
-            for _ in batches:
+            for global_batch in batches:
                 if self._signal is not None:
                     self._stop_for_signal()
                 # augmentation was seeded per sample (IndexedDataset); the model's own
-                # randomness depends on the step's position only
+                # randomness depends on the step's position only. With W workers each loads
+                # its share of the global batch (distributed.shard)
                 batch = next(batch_iter)
                 reseed(runtime.seed, self.epoch, self.batch_in_epoch)
-                global_size = batch[0].shape[0]
-                if self.world_size > 1:
-                    # every worker loads the whole global batch (so augmentation is that of
-                    # one process) and trains its share
-                    part = distributed.shard(list(range(global_size)), self.rank, self.world_size)
-                    batch = [x[part[0]:part[-1] + 1] for x in batch]
+                global_size = len(global_batch)
                 step_sum = self.train_step(batch, global_size)
                 self.step += 1
                 self.batch_in_epoch += 1

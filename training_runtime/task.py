@@ -19,12 +19,16 @@ What the runtime calls, in order:
    ``Dataset.transform_first`` (H×W×3 uint8 NDArray -> 3×S×S float32);
 4. ``prepare_training(train_set)``: what training needs from the training
    split (class weights, per-sample state); not called for --test/--predict;
-5. per step and device slice, inside ``autograd.record()``:
+5. per step, before anything else: ``begin_step(batch)`` with a
+   :class:`StepBatch` (the labels and dataset indices of the whole step, the
+   loss scale, an all-gather over workers); then per device slice, inside
+   ``autograd.record()``:
    ``training_loss(data, label, index, epoch)`` -> per-sample loss, shape (N,)
    exactly (the runtime checks it), N the slice's batch; the runtime calls
    ``backward()`` and ``trainer.step(batch_size)``, so the gradient is that of
    the sum over the whole batch divided by its size;
-6. ``after_step(epoch)``: after every trainer stepped;
+6. ``after_step(epoch)``: after every trainer stepped (the step's
+   :class:`StepBatch` is still the one ``begin_step`` got);
 7. ``evaluate(batches, epoch)`` -> dict of float metrics, the one named by
    ``metric_name`` drives the lr schedule and the ``best`` checkpoint;
    ``batches`` yields ``(data, label)`` device slices of the evaluation split;
@@ -44,6 +48,8 @@ import collections
 import sys
 from collections import namedtuple
 
+import numpy as np
+
 ParamGroup = namedtuple("ParamGroup", "name params lr_mult optimizer_params follows_schedule")
 ParamGroup.__new__.__defaults__ = (1.0, None, True)
 ParamGroup.__doc__ = """One Trainer's worth of parameters.
@@ -55,6 +61,81 @@ optimizer_params: dict overriding the optimizer settings for this group
     (e.g. the center-loss centers: {'learning_rate': 0.5, 'momentum': 0, 'wd': 0}).
 follows_schedule: False keeps this group's learning rate fixed.
 """
+
+
+class StepBatch(object):
+    """The step's batch as a task sees it, before its device slices' ``training_loss`` calls.
+
+    The device-split contract (README "Devices and workers"): whatever depends
+    on the whole batch (class counts, one random draw per step, per-sample
+    state such as the prediction history) is computed from this object, never
+    from a device slice, so the numbers do not depend on how the global batch
+    is split over devices and workers.
+
+    epoch, step: 0-based epoch and the 0-based number of the step in the run.
+    label: this process's share of the step's labels, an NDArray on the CPU
+        (n × ..., n = this process's samples; the whole batch in one process).
+    index: the dataset indices of those samples, (n,) int64 NDArray on the CPU.
+    global_size: samples of the step over every worker (N >= n).
+    offset: where this process's share starts in the global batch.
+    loss_scale: the factor the runtime multiplies the losses by before
+        backward (``--amp``'s dynamic loss scale; 1.0 otherwise). A gradient
+        that bypasses autograd's chain rule (``make_loss``) must be scaled by it.
+    """
+
+    def __init__(self, epoch, step, label, index, global_size=None, offset=0, loss_scale=1.0,
+                 all_sum=None):
+        self.epoch, self.step = int(epoch), int(step)
+        self.label, self.index = label, index
+        self.global_size = int(label.shape[0] if global_size is None else global_size)
+        self.offset = int(offset)
+        self.loss_scale = float(loss_scale)
+        self._all_sum = all_sum  # (name, NDArray) -> the sum over the workers; None in one process
+        self._global_label = self._global_index = None
+
+    @property
+    def local_size(self):
+        return int(self.label.shape[0])
+
+    def gather(self, name, rows):
+        """The global batch's rows: ``rows`` (n × ..., this process's samples in the order of
+        ``label`` / ``index``) of every worker, concatenated in the global batch's order
+        (N × ...). One process: ``rows`` itself. Several workers: a collective (every worker
+        calls it with the same ``name`` and trailing shape); exact (the other workers'
+        rows are summed with zeros), float32 on the workers' wire, returned in ``rows``'
+        dtype on its context."""
+        if self._all_sum is None:
+            return rows
+        if rows.shape[0] != self.local_size:
+            raise ValueError("StepBatch.gather(%r): expected %d rows (this worker's samples), got %s"
+                             % (name, self.local_size, rows.shape))
+        from mxnet import nd
+        padded = nd.zeros((self.global_size,) + rows.shape[1:], ctx=rows.context, dtype="float32")
+        padded[self.offset:self.offset + self.local_size] = rows.astype("float32", copy=False)
+        return self._all_sum("gather/%s" % name, padded).astype(rows.dtype, copy=False)
+
+    @property
+    def global_label(self):
+        """The labels of the whole global batch (N × ...), on the CPU."""
+        if self._global_label is None:
+            self._global_label = self.gather("label", self.label)
+        return self._global_label
+
+    @property
+    def global_index(self):
+        """The dataset indices of the whole global batch, (N,) int64 on the CPU (between
+        workers they travel as float32: exact for datasets of fewer than 2**24 samples)."""
+        if self._global_index is None:
+            self._global_index = self.gather("index", self.index)
+        return self._global_index
+
+
+def class_counts(labels, num_classes):
+    """(num_classes,) float32 numpy array: how many of ``labels`` (class indices, any
+    float/int array-like, e.g. ``StepBatch.global_label``) fall in each class."""
+    values = labels.asnumpy() if hasattr(labels, "asnumpy") else np.asarray(labels)
+    return np.bincount(values.astype(np.int64).ravel(), minlength=num_classes)[:num_classes] \
+        .astype(np.float32)
 
 
 class TrainingTask(object):
@@ -92,6 +173,10 @@ class TrainingTask(object):
         epoch: 0-based.
         """
         raise NotImplementedError
+
+    def begin_step(self, batch):
+        """Called once per step before the first ``training_loss`` of its device slices,
+        with the step's :class:`StepBatch` (default: nothing)."""
 
     def after_step(self, epoch):
         """Called after the trainers stepped."""
