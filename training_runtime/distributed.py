@@ -121,7 +121,7 @@ class GradientReducer(object):
                              % sorted({k for k in keys if keys.count(k) > 1}))
         self.initialised = False
         self._synced_step = None
-        self._summed_keys = set()
+        self._sum_buffers = {}
 
     def ready(self):
         """True when every parameter has its shape (deferred ones get it at the first forward)."""
@@ -181,13 +181,20 @@ class GradientReducer(object):
         A key per name and shape, created at its first use (a barrier). Returns a new
         NDArray on ``value``'s context; no host sync."""
         key = "%s/%s" % (name, "x".join(str(d) for d in value.shape))
-        if key not in self._summed_keys:
+        buffer = self._sum_buffers.get(key)
+        if buffer is None:
+            # kv.init changes the kvstore's tables (and is a barrier): with nothing in flight
+            mx.nd.waitall()
             self.kv.init(key, mx.nd.zeros(value.shape, dtype=value.dtype))
-            self._summed_keys.add(key)
-        total = mx.nd.zeros(value.shape, ctx=value.context, dtype=value.dtype)
-        self.kv.push(key, value)
-        self.kv.pull(key, out=total)
-        return total
+            buffer = self._sum_buffers[key] = mx.nd.zeros(value.shape, ctx=value.context,
+                                                          dtype=value.dtype)
+        # one buffer per key, pushed and pulled in place: on the CPU the kvstore keeps the
+        # pushed array itself as the key's communication buffer, and a pull still pending
+        # on an earlier array would write into it (as gradients do, always the same array)
+        value.copyto(buffer)
+        self.kv.push(key, buffer)
+        self.kv.pull(key, out=buffer)
+        return buffer.copy()
 
     def reduce(self, loss_sum=None):
         """Every device's gradient := the sum of the gradients of every device of every worker.

@@ -20,7 +20,10 @@ on the hosts over ``ssh`` (BatchMode: passwordless keys), in this directory
 ``MXNET_*`` when set here. ``DMLC_PS_ROOT_URI`` is then this host's name
 (``--root-uri`` overrides it); ``--env DMLC_INTERFACE=eth0`` picks the network
 interface ps-lite binds to on every host. :func:`plan` builds every command line
-(tested without ssh).
+(tested without ssh). The workers started on one host split the command's
+``--gpus`` list between them (``--gpus 0,1,2,3`` with 2 workers on a host: the
+first gets ``0,1``, the second ``2,3``; ``--share-gpus`` gives each the whole
+list); a list that does not divide evenly is refused before anything starts.
 
 Every line a child prints is prefixed ``[worker 0]``, ``[server 0]``,
 ``[scheduler]`` (the launch index; ps-lite numbers workers in the order they
@@ -110,8 +113,44 @@ def remote_argv(host, argv, env, cwd, extra_keys=()):
     return ["ssh", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=accept-new", host, remote]
 
 
+def _gpus_value(command):
+    """(position, value) of the ``--gpus`` list in a worker command, or None."""
+    for i, arg in enumerate(command):
+        if arg == "--gpus" and i + 1 < len(command):
+            return i + 1, command[i + 1]
+        if arg.startswith("--gpus="):
+            return i, arg[len("--gpus="):]
+    return None
+
+
+def split_gpus(command, host_workers):
+    """The worker commands of the ``host_workers`` workers of one host: each gets its own
+    consecutive part of the command's ``--gpus`` list (``--gpus 0,1,2,3`` over 2 workers:
+    ``0,1`` and ``2,3``), so workers sharing a machine never share a GPU. Commands
+    without ``--gpus`` (or one worker per host) are unchanged; a list that does not
+    divide evenly is a SystemExit naming the list and the counts."""
+    found = _gpus_value(command)
+    if found is None or host_workers == 1:
+        return [list(command) for _ in range(host_workers)]
+    position, value = found
+    gpus = [g for g in value.split(",") if g.strip()]
+    if len(gpus) % host_workers:
+        raise SystemExit("launch: --gpus %s: %d GPU(s) cannot be split evenly over the %d workers of "
+                         "one host (give each worker its own GPUs: a multiple of %d ids, or "
+                         "--share-gpus)" % (value, len(gpus), host_workers, host_workers))
+    per = len(gpus) // host_workers
+    commands = []
+    for k in range(host_workers):
+        part = ",".join(gpus[k * per:(k + 1) * per])
+        argv = list(command)
+        argv[position] = part if argv[position] == value and argv[position - 1] == "--gpus" \
+            else "--gpus=" + part
+        commands.append(argv)
+    return commands
+
+
 def plan(workers, servers, command, hosts=None, root_uri=None, port=None, extra_env=None,
-         environ=None, cwd=None, python=sys.executable):
+         environ=None, cwd=None, python=sys.executable, share_gpus=False):
     """Every process of a run as :data:`Spec` (scheduler, servers, workers), nothing started.
 
     command: the workers' argv (a leading ``python`` / ``python3`` becomes ``python``);
@@ -137,8 +176,15 @@ def plan(workers, servers, command, hosts=None, root_uri=None, port=None, extra_
     cwd = cwd or os.getcwd()
     role_cmd = [python, "-c", "import mxnet"]
     specs = [Spec("scheduler", 0, role_cmd, dict(base, DMLC_ROLE="scheduler"), None)]
-    for role, count, argv in (("server", servers, role_cmd), ("worker", workers, command)):
+    # workers on one host split its --gpus list between them (unless share_gpus)
+    host_of = [hosts[r % len(hosts)] if hosts else None for r in range(workers)]
+    per_host = collections.Counter(host_of)
+    local = {host: iter(split_gpus(command, 1 if share_gpus else count))
+             for host, count in per_host.items()}
+    worker_cmds = [next(local[host]) for host in host_of]
+    for role, count in (("server", servers), ("worker", workers)):
         for r in range(count):
+            argv = role_cmd if role == "server" else worker_cmds[r]
             env = dict(base, DMLC_ROLE=role)
             host = hosts[r % len(hosts)] if hosts else None
             specs.append(Spec(role, r, remote_argv(host, argv, env, cwd, extra_env) if host else argv,
@@ -192,6 +238,10 @@ def main(argv=None):
                                            "(default: 127.0.0.1, or this host's name with --hostfile)")
     parser.add_argument("--env", action="append", default=[], metavar="K=V",
                         help="extra environment of every process (e.g. DMLC_INTERFACE=eth0)")
+    parser.add_argument("--share-gpus", action="store_true",
+                        help="give every worker of a host the whole --gpus list of the command (by "
+                             "default the workers of one host split it: --gpus 0,1,2,3 over 2 "
+                             "workers gives 0,1 and 2,3)")
     parser.add_argument("--timeout", type=float, default=0,
                         help="stop everything after this many seconds (0: no limit)")
     parser.add_argument("--grace", type=float, default=3.0,
@@ -205,7 +255,7 @@ def main(argv=None):
     args = parser.parse_args(argv[:split])
     hosts = read_hostfile(args.hostfile) if args.hostfile else None
     specs = plan(args.workers, args.servers, argv[split + 1:], hosts, args.root_uri,
-                 extra_env=parse_env(args.env))
+                 extra_env=parse_env(args.env), share_gpus=args.share_gpus)
     children = [Child(spec) for spec in specs]
     workers = [c for c in children if c.role == "worker"]
 
