@@ -452,6 +452,22 @@ class BatchNorm1D(nn.BatchNorm):
             F, x.reshape((0, 0, 1, 1)), gamma, beta, running_mean, running_var)
         return y.reshape((0, -1))
 
+    def sync_variant(self, num_devices):
+        """This layer synchronised over ``num_devices`` (``--batchnorm sync``): a
+        :class:`SyncBatchNorm1D` over the same parameters."""
+        from training_runtime.loop import sync_batchnorm_like  # only --batchnorm sync needs it
+        return sync_batchnorm_like(self, num_devices, SyncBatchNorm1D)
+
+
+class SyncBatchNorm1D(gluon.contrib.nn.SyncBatchNorm):
+    """SyncBatchNorm of N×C features (statistics over every device's rows), computed as
+    N×C×1×1 like :class:`BatchNorm1D`, whose ``--batchnorm sync`` replacement it is."""
+
+    def hybrid_forward(self, F, x, gamma, beta, running_mean, running_var):
+        y = super(SyncBatchNorm1D, self).hybrid_forward(
+            F, x.reshape((0, 0, 1, 1)), gamma, beta, running_mean, running_var)
+        return y.reshape((0, -1))
+
 
 def _classifier_head(num_classes, pool):
     head = nn.HybridSequential(prefix="classifier_")

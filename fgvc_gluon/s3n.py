@@ -742,6 +742,8 @@ class S3NMethod(FGVCTask):
 
     name = "s3n"
     BRANCHES = ("concat", "raw", "zoom", "complementary")
+    sync_batchnorm_unsafe = ("its backbone runs 3 times per forward (raw, zoom and complementary "
+                             "views) and SyncBatchNorm pairs the devices' calls by arrival order")
 
     def __init__(self, net, smooth_ratio=SMOOTH_RATIO, loss_weight=None, image_size=RECIPE["image_size"]):
         self.net = net

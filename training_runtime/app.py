@@ -157,6 +157,9 @@ def build_task(family, config, names, ctx, pretrained):
     except ValueError as err:
         raise UserError("--method %s: %s" % (entry.name, err))
     blocks = task.check_declared()
+    if config.runtime.batchnorm == "sync" and len(ctx) > 1 and task.sync_batchnorm_unsafe:
+        raise UserError("--batchnorm sync: not supported by --method %s (%s); use --batchnorm frozen"
+                        % (entry.name, task.sync_batchnorm_unsafe))
     for block in blocks.values():
         if config.runtime.batchnorm == "sync" and len(ctx) > 1:
             use_sync_batchnorm(block, len(ctx))

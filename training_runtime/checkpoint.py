@@ -7,7 +7,8 @@ A checkpoint is one uncompressed ``.npz`` file (read back with
   statistics included), named structurally (``features.0.weight``) so the
   names do not depend on Gluon's global prefix counters;
 - ``trainer/<name>``: each Trainer's ``save_states`` bytes (optimizer with its
-  momentum buffers) as a uint8 array;
+  momentum buffers) as a uint8 array, every pickled NDArray in them marked as
+  ``mx.cpu()`` (see :func:`cpu_state_bytes`);
 - ``extra/<name>/<key>``: arrays of extra state dicts (e.g. the prediction
   history); their plain numbers go to the JSON record;
 - ``rng/numpy``: numpy's global MT19937 key;
@@ -27,12 +28,23 @@ same directory, flushed and fsync'ed, then ``os.replace``'d over the old one
 and the directory fsync'ed; a crash at any point leaves the previous
 checkpoint intact. Free disk space is checked before anything is written.
 Parameters that are not finite are never written (:class:`DivergedError`).
+
+Nothing written is bound to a device: parameters and extra arrays are numpy
+arrays, and the optimizer states are rewritten to ``mx.cpu()`` (MXNet's
+``NDArray`` load would otherwise put them back on the GPU id that wrote them,
+so a ``--gpus 0,1`` run could not resume with ``--gpus 0`` elsewhere). On
+resume, parameters go to the run's contexts and the optimizer states follow
+their weights' contexts at the first update (Gluon's ``Updater`` moves states
+loaded by ``set_states`` there).
 """
 import contextlib
+import io
 import json
 import os
 import random
+import pickle
 import shutil
+import struct
 import tempfile
 import zipfile
 
@@ -63,28 +75,91 @@ TRAINER_TEMP_PREFIX = ".trainer-"
 def _trainer_state_bytes(trainer, workdir=None):
     """The bytes ``Trainer.save_states`` writes (optimizer + momentum), through a
     temporary file in the system's temporary directory (never the run directory:
-    a kill mid-save leaves nothing there; ``workdir`` is ignored)."""
+    a kill mid-save leaves nothing there; ``workdir`` is ignored), every state
+    array marked as ``mx.cpu()`` (:func:`cpu_state_bytes`)."""
     fd, path = tempfile.mkstemp(prefix=TRAINER_TEMP_PREFIX)
     os.close(fd)
     try:
         trainer.save_states(path)
         with open(path, "rb") as f:
-            return f.read()
+            return cpu_state_bytes(f.read())
     finally:
         os.remove(path)
 
 
 def _load_trainer_state(trainer, data, workdir=None):
     """``Trainer.load_states`` of ``data`` through the system's temporary directory
-    (so a checkpoint in a read-only directory can be resumed)."""
+    (so a checkpoint in a read-only directory can be resumed). The states load on
+    ``mx.cpu()`` whatever device wrote them (also a checkpoint of an older version,
+    written with device-bound states); the first update moves them to the weights'
+    contexts."""
     fd, path = tempfile.mkstemp(prefix=TRAINER_TEMP_PREFIX)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            f.write(cpu_state_bytes(data))
         trainer.load_states(path)
         fast_optim.upgrade(trainer)  # an older checkpoint's mxnet SGD: same numbers, faster kernels
     finally:
         os.remove(path)
+
+
+# NDArray::Save's magic numbers (mxnet src/ndarray/ndarray.cc): V2, V3 (numpy shapes)
+_NDARRAY_MAGICS = (0xF993FAC9, 0xF993FACA)
+_CPU_DEVICE_TYPE = 1  # mxnet Context::kCPU; kGPU = 2, kCPUPinned = 3, kCPUShared = 5
+
+
+def _raw_bytes_on_cpu(raw):
+    """An NDArray's raw bytes (``MXNDArraySaveRawBytes``) with its context set to cpu(0).
+
+    Layout: uint32 magic, int32 storage type, [sparse: storage shape], shape
+    (int32 ndim + ndim int64), int32 device type, int32 device id, ... Bytes of
+    another layout (an older magic, an empty array) are returned unchanged."""
+    if len(raw) < 12 or struct.unpack_from("<I", raw, 0)[0] not in _NDARRAY_MAGICS:
+        return raw
+    pos = 4
+    stype = struct.unpack_from("<i", raw, pos)[0]
+    pos += 4
+    for _ in range(2 if stype != 0 else 1):  # sparse arrays write their storage shape first
+        if pos + 4 > len(raw):
+            return raw
+        ndim = struct.unpack_from("<i", raw, pos)[0]
+        pos += 4 + 8 * max(ndim, 0)
+    if pos + 8 > len(raw) or struct.unpack_from("<i", raw, pos)[0] not in (1, 2, 3, 5):
+        return raw  # no context follows (an array without data)
+    out = bytearray(raw)
+    struct.pack_into("<ii", out, pos, _CPU_DEVICE_TYPE, 0)
+    return out
+
+
+class _SavedArray(object):
+    """A pickled NDArray kept as its (context-rewritten) raw bytes, never loaded
+    onto a device; pickles back as the original class."""
+
+    def __init__(self, cls):
+        self.cls, self.raw = cls, None
+
+    def __setstate__(self, state):
+        raw = state.get("handle")
+        self.raw = None if raw is None else _raw_bytes_on_cpu(raw)
+
+    def __reduce__(self):
+        return self.cls, (None,), {"handle": self.raw}  # what NDArray.__reduce__ returns
+
+
+class _StateUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        cls = super(_StateUnpickler, self).find_class(module, name)
+        if isinstance(cls, type) and issubclass(cls, mx.nd.NDArray):
+            return lambda *args: _SavedArray(cls)  # NDArray subclasses reduce to cls(None)
+        return cls
+
+
+def cpu_state_bytes(data):
+    """``Trainer.save_states`` bytes with every pickled NDArray's context set to
+    ``mx.cpu()`` (device id 0): a byte-level rewrite, no array is allocated on
+    any device. ``NDArray``'s unpickling restores an array on the context it was
+    pickled from (a GPU id that may not exist where the run resumes)."""
+    return pickle.dumps(_StateUnpickler(io.BytesIO(data)).load())  # protocol as Updater.get_states
 
 
 def check_free_space(directory, needed_bytes):

@@ -186,10 +186,17 @@ def batch_indices(order, batch_size, start_batch=0, min_batch=1):
     return [list(map(int, b)) for b in batches[start_batch:]]
 
 
+#: every Gluon BatchNorm layer derives from this: nn.BatchNorm and its subclasses
+#: (contrib SyncBatchNorm, fgvc_gluon.mcloss.BatchNorm1D, gluoncv's BatchNormCudnnOff),
+#: nn.BatchNormReLU
+_BATCHNORM = gluon.nn.basic_layers._BatchNorm
+
+
 def _batchnorms(block):
-    """(parent, child name, BatchNorm) for every plain nn.BatchNorm under ``block``."""
+    """(parent, child name, layer) for every BatchNorm layer (any :data:`_BATCHNORM`
+    class) under ``block``, depth first in child order."""
     for name, child in list(block._children.items()):
-        if type(child) is gluon.nn.BatchNorm:
+        if isinstance(child, _BATCHNORM):
             yield block, name, child
         else:
             for found in _batchnorms(child):
@@ -202,8 +209,10 @@ def freeze_batchnorm(block):
 
     The usual answer to small per-device batches, and what makes data
     parallelism exact: with global statistics a sample's output does not
-    depend on the other samples on its device. Call before hybridize.
-    Returns the number of layers changed.
+    depend on the other samples on its device. Every BatchNorm class counts (a
+    subclass with its own ``hybrid_forward`` must pass ``self._kwargs`` on, as
+    SyncBatchNorm, BatchNorm1D and gluoncv's BatchNormCudnnOff do). Call before
+    hybridize. Returns the number of layers changed.
     """
     count = 0
     for _, _, bn in _batchnorms(block):
@@ -212,26 +221,73 @@ def freeze_batchnorm(block):
     return count
 
 
+def sync_batchnorm_like(bn, num_devices, cls=SyncBatchNorm):
+    """A ``cls`` (SyncBatchNorm or a subclass) with the settings of the BatchNorm ``bn``
+    (momentum, eps, center, scale, use_global_stats, initializers), over ``bn``'s own
+    parameters (same prefix and Parameter objects).
+
+    SyncBatchNorm asks its ParameterDict for gamma / beta with the grad_req of a
+    trainable layer; parameters frozen since (grad_req 'null', e.g. the attribute
+    model's ``finetune`` backbone) would fail that check, so they carry the
+    declared grad_req while the layer is built and their own afterwards."""
+    kw = bn._kwargs
+    own = [(p, p._grad_req) for p in (bn.gamma, bn.beta) if p._differentiable]
+    for param, _ in own:
+        param._grad_req = "write"  # the attribute only: no gradient buffer is allocated
+    try:
+        return cls(num_devices=num_devices, momentum=kw["momentum"], epsilon=kw["eps"],
+                   center=bn.beta._differentiable, scale=not kw["fix_gamma"],
+                   use_global_stats=kw["use_global_stats"], gamma_initializer=bn.gamma.init,
+                   beta_initializer=bn.beta.init, running_mean_initializer=bn.running_mean.init,
+                   running_variance_initializer=bn.running_var.init,
+                   prefix=bn.prefix, params=bn.params)
+    finally:
+        for param, grad_req in own:
+            param._grad_req = grad_req
+
+
+def _sync_replacement(bn, num_devices):
+    """The synchronised layer replacing ``bn``, None to keep it (already synchronised),
+    or a UserError naming the layer when it cannot be synchronised."""
+    if isinstance(bn, SyncBatchNorm):
+        return None
+    if hasattr(bn, "sync_variant"):
+        return bn.sync_variant(num_devices)
+    what = "%s (%s.%s)" % (bn.name, type(bn).__module__, type(bn).__name__)
+    if type(bn).hybrid_forward is not _BATCHNORM.hybrid_forward:
+        raise UserError("--batchnorm sync: BatchNorm layer %s has its own hybrid_forward and no "
+                        "sync_variant(num_devices) method; use --batchnorm frozen or batch" % what)
+    fused = getattr(bn, "fuse_relu", False)
+    if bn._kwargs["axis"] != 1 or fused:
+        raise UserError("--batchnorm sync: BatchNorm layer %s normalises axis %d%s; SyncBatchNorm "
+                        "normalises axis 1 without a fused ReLU; use --batchnorm frozen or batch"
+                        % (what, bn._kwargs["axis"], " with a fused ReLU" if fused else ""))
+    return sync_batchnorm_like(bn, num_devices)
+
+
 def use_sync_batchnorm(block, num_devices):
-    """Replace every ``nn.BatchNorm`` under ``block`` by a ``SyncBatchNorm``.
+    """Replace every BatchNorm layer under ``block`` by a ``SyncBatchNorm`` over ``num_devices``.
 
     The replacement shares the original's parameters (same prefix and
-    ParameterDict), so initialisation, checkpoints and the original's params
-    files are unaffected; batch statistics are then those of the whole batch
-    (MXNet averages per-device moments: exact for an even split). Meant for
-    GPUs: on CPU contexts every device shares MXNet's CPU worker threads
-    (MXNET_CPU_WORKER_NTHREADS, default 1), and one device's SyncBatchNorm
-    blocks the only worker while it waits for the others: a deadlock.
-    Call before the first forward. Returns the number of layers replaced.
+    ParameterDict, their grad_req kept), so initialisation, checkpoints and the
+    original's params files are unaffected; batch statistics are then those of
+    the whole batch (MXNet averages per-device moments: exact for an even
+    split). Layers already synchronised stay; a BatchNorm subclass with its own
+    ``hybrid_forward`` (e.g. a reshape around it) provides its replacement with
+    a ``sync_variant(num_devices)`` method (see :func:`sync_batchnorm_like`),
+    else it is refused (UserError naming it), as are layers of another axis or
+    with a fused ReLU; nothing is replaced then. Meant for GPUs: on CPU contexts
+    every device shares MXNet's CPU worker threads (MXNET_CPU_WORKER_NTHREADS,
+    default 1), and one device's SyncBatchNorm blocks the only worker while it
+    waits for the others: a deadlock. Call before the first forward. Returns
+    the number of layers replaced.
     """
+    plan = [(parent, name, bn, _sync_replacement(bn, num_devices))
+            for parent, name, bn in list(_batchnorms(block))]
     replaced = 0
-    for parent, name, bn in _batchnorms(block):
-        kw = bn._kwargs
-        if kw["axis"] != 1:
-            continue  # SyncBatchNorm normalises axis 1 only
-        sync = SyncBatchNorm(num_devices=num_devices, momentum=kw["momentum"], epsilon=kw["eps"],
-                             scale=not kw["fix_gamma"], use_global_stats=kw["use_global_stats"],
-                             prefix=bn.prefix, params=bn.params)
+    for parent, name, bn, sync in plan:
+        if sync is None:
+            continue
         parent._children[name] = sync
         for attr, value in list(vars(parent).items()):
             if value is bn:

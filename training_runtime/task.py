@@ -149,6 +149,10 @@ class TrainingTask(object):
     metric_name = None
     #: how many of the evaluation split's first images :meth:`pictures` gets
     picture_images = 8
+    #: why ``--batchnorm sync`` cannot train this task (one phrase), None when it can:
+    #: SyncBatchNorm pairs the devices' calls of a layer by arrival order, unsafe when
+    #: a forward runs a BatchNorm layer several times
+    sync_batchnorm_unsafe = None
 
     def blocks(self):
         """Ordered dict name -> Block of everything a checkpoint holds."""
