@@ -80,6 +80,9 @@ def top1_accuracies(task, batches, epoch):
             home = data.context
         target = label.astype("float32", copy=False)
         for branch, logits in task.predict(data, epoch).items():
+            # float32 (a no-op for float32 logits): --amp's float16 logits would give
+            # float16 class indices from argmax, exact only up to 2048
+            logits = logits.astype("float32", copy=False)
             hits = (mx.nd.argmax(logits, axis=1) == target).sum().as_in_context(home)
             correct[branch] = hits if branch not in correct else correct[branch] + hits
         count += data.shape[0]

@@ -58,15 +58,29 @@ def spatial_softmax(x, F=None):
     return to_output(F.reshape_like(F.softmax(flat, axis=-1), x))
 
 
+def _float32(x, F):
+    """``x`` at least float32: a float16 NDArray cast to float32, float32/float64 ones
+    unchanged (no copy, no numeric change); a Symbol gets a Cast to float32 (an identity
+    on the float32 graphs that are exported)."""
+    if isinstance(x, mx.nd.NDArray):
+        return x.astype("float32") if x.dtype == np.float16 else x
+    return F.cast(x, dtype="float32")
+
+
 def aggregate_prediction(logits, stage_scores, F=None):
     """σ(0.25·(s₂+s₃+s₄+logits)): N×C probabilities from the backbone logits
     (N×C) and the list of stage scores (three N×C). NDArrays, numpy arrays
-    (numpy result) or, with ``F``, Symbols."""
+    (numpy result) or, with ``F``, Symbols.
+
+    Computed in float32 when the inputs are float16 (--amp: the Dense layers run in
+    float16 and amp leaves ``sigmoid`` in its input's type, so the probabilities would
+    be float16, with every p > 0.9995 equal to 1.0, and the mAP, the plateau rule and
+    the best checkpoint would be decided on those ties)."""
     F, logits, to_output = _namespace_and_array(logits, F)
     if F is mx.nd:
         stage_scores = [s if isinstance(s, mx.nd.NDArray) else mx.nd.array(s, dtype=logits.dtype)
                         for s in stage_scores]
-    total = F.add_n(*stage_scores) + logits
+    total = F.add_n(*[_float32(s, F) for s in stage_scores]) + _float32(logits, F)
     return to_output(F.sigmoid(0.25 * total))
 
 

@@ -75,7 +75,8 @@ def test_report(names, labels, probs, out=sys.stdout):
 
 
 class AggregatedPrediction(HybridBlock):
-    """The model as ``predict`` applies it: N×3×S×S -> σ(0.25·(s₂+s₃+s₄+logits)), N×C."""
+    """The model as ``predict`` applies it: N×3×S×S -> σ(0.25·(s₂+s₃+s₄+logits)), N×C
+    float32 (also when the net's outputs are float16, :func:`aggregate_prediction`)."""
 
     def __init__(self, net, **kwargs):
         super(AggregatedPrediction, self).__init__(**kwargs)

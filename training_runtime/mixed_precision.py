@@ -17,7 +17,30 @@ rescale is divided by it (what ``scale_loss`` does to its trainer), and the
 overflow check (``multi_all_finite`` over every trainer's gradients, one
 host sync per step, inherent in dynamic scaling) decides for all trainers:
 all update or all skip; the scale halves after an overflow and doubles
-after 2000 clean steps (``LossScaler``'s rule).
+after 2000 clean steps (``LossScaler``'s rule, its one-step delay included:
+the new scale applies from the second step after the one that decided it,
+so the step right after an overflow still runs at the old scale). A skipped
+step still ran its forward passes, so BatchNorm's running statistics have
+moved (as with ``amp.init_trainer``).
+
+What is float32 under ``--amp``: parameters, gradients as the trainers see
+them, optimizer states, the losses (amp's float32 list: softmax,
+log_softmax, sum, ...), BatchNorm statistics, and everything an evaluation
+computes: amp keeps ``sigmoid``, ``argmax`` and additions in their input's
+dtype, so the tasks cast the float16 network outputs to float32 before their
+sigmoid / argmax (``imbalanced_attr.model.aggregate_prediction``,
+``fgvc_gluon.task.top1_accuracies``; a no-op for float32 outputs). The
+validation metric, the plateau rule, best.ckpt and the final test are thus
+computed on float32 probabilities (no ties at 1.0: the largest float16
+below 1 is 1 - 2⁻¹¹), and differ from a later float32 ``--test`` only through the
+float16 network itself.
+
+Losses whose gradient bypasses autograd's chain rule (``make_loss``, whose
+backward passes ones whatever the head gradient, or a gradient written by
+hand) do not see the scale the loss was multiplied by, while every trainer
+still divides by it: such a loss must multiply its gradient by
+``StepBatch.loss_scale`` (given to ``TrainingTask.begin_step``; 1.0 without
+``--amp``). The centre loss's centre gradient (``make_loss``) is one.
 """
 import mxnet as mx
 
