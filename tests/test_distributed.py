@@ -146,21 +146,7 @@ def test_dist_kvstore_without_launcher_is_a_clear_error(tmp_path, monkeypatch):
     assert not os.path.exists(str(tmp_path / "r"))
 
 
-@pytest.mark.parametrize("family", ["attr", "s3n", "centerloss"])
-def test_two_workers_equal_one_process(runs, family):
-    """2 workers x batch 4 == 1 process x batch 8 after two steps (<= 1e-5; measured: 0)."""
-    _, a = last_params(runs(family + "-one")[0])
-    save, proc = runs(family + "-two")
-    assert "[worker 0]" in proc.stdout and "[worker 1]" in proc.stdout
-    record, b = last_params(save)
-    assert record["progress"]["world_size"] == 2 and record["progress"]["step"] == 2
-    assert a.keys() == b.keys() and not any(np.isnan(v).any() for v in b.values())
-    assert max_param_diff(a, b) <= 1e-5
-    # the logged training loss is the global batch's (summed over the workers)
-    one, two = (metrics_without_time(runs(family + kind)[0])[0] for kind in ("-one", "-two"))
-    assert two["train_loss"] == pytest.approx(one["train_loss"], rel=1e-5)
-    if family != "s3n":  # S3N evaluates epoch 0 in its random mode, drawn per device slice
-        assert two["val"] == pytest.approx(one["val"])
+# two workers against one and two contexts, every method: tests/test_invariance.py
 
 
 def test_workers_evaluate_with_rank_0_batchnorm_statistics(runs):
@@ -245,6 +231,44 @@ def test_hostfile_plan_runs_servers_and_workers_over_ssh(tmp_path):
     assert "DMLC_ROLE=server" in specs[1].argv[6] and "-c 'import mxnet'" in specs[1].argv[6]
 
 
+def test_workers_of_one_host_split_the_gpus():
+    """--gpus 0,1,2,3 with 2 workers on this host: 0,1 and 2,3; with a hostfile of 2 hosts and
+    4 workers, each host's two workers split its list; --share-gpus keeps the whole list."""
+    command = ["python", "train_attr.py", "--gpus", "0,1,2,3", "--kvstore", "dist_sync"]
+    workers = [s for s in launcher.plan(2, 1, command, port=1) if s.role == "worker"]
+    assert [w.argv[3] for w in workers] == ["0,1", "2,3"]
+    shared = [s for s in launcher.plan(2, 1, command, port=1, share_gpus=True) if s.role == "worker"]
+    assert [w.argv[3] for w in shared] == ["0,1,2,3"] * 2
+    equals = ["python", "train_fgvc.py", "--gpus=0,1", "--kvstore", "dist_sync"]
+    remote = [s for s in launcher.plan(4, 1, equals, ["a", "b"], port=1) if s.role == "worker"]
+    assert [(s.host, "--gpus=%s" % g in s.argv[-1]) for s, g in zip(remote, "0011")] == [
+        ("a", True), ("b", True), ("a", True), ("b", True)]
+    assert launcher.plan(2, 1, ["python", "train_attr.py"], port=1)[-1].argv[-1] == "train_attr.py"
+    with pytest.raises(SystemExit, match=r"--gpus 0,1,2: 3 GPU\(s\) cannot be split evenly over the 2 "):
+        launcher.plan(2, 1, ["python", "x.py", "--gpus", "0,1,2"], port=1)
+
+
+def test_step_batch_gathers_the_whole_batch():
+    """In one process gather is the identity; with an all_sum (here: a fake of two workers whose
+    other share is known) the rows land at the worker's offset of the global batch."""
+    import mxnet as mx
+    from training_runtime.task import StepBatch, class_counts
+    label, index = mx.nd.array([[2], [0], [2]]), mx.nd.array([7, 3, 5], dtype="int64")
+    one = StepBatch(0, 0, label, index)
+    assert one.gather("x", label) is label and one.global_size == 3
+    other = np.zeros((5, 1), np.float32)
+    other[:2] = [[1], [1]]  # rank 0's share (2 samples); this worker is rank 1 at offset 2
+    two = StepBatch(0, 0, label, index, global_size=5, offset=2,
+                    all_sum=lambda name, padded: padded + mx.nd.array(other if "label" in name else
+                                                                      np.array([4, 6, 0, 0, 0])))
+    np.testing.assert_array_equal(two.global_label.asnumpy().ravel(), [1, 1, 2, 0, 2])
+    np.testing.assert_array_equal(two.global_index.asnumpy(), [4, 6, 7, 3, 5])
+    assert two.global_index.dtype == np.int64
+    np.testing.assert_array_equal(class_counts(two.global_label, 3), [1, 2, 2])
+    with pytest.raises(ValueError, match=r"expected 3 rows"):
+        two.gather("bad", mx.nd.zeros((2, 1)))
+
+
 @pytest.mark.parametrize("content, message", [
     (None, "No such file"), ("\n# only a comment\n", "no hosts"),
     ("node-a\nnode-b slots=2\n", "line 2: expected one host name per line")])
@@ -277,7 +301,7 @@ def test_a_failing_worker_command_stops_the_servers():
 
 def test_figures_none_draws_no_curves_and_no_test_figures(runs):
     """--figures none (every run above): no curves.png, no test figures; the logs are written."""
-    save, _ = runs("attr-two")
+    save, _ = runs("attrbn-two")
     files = set(os.listdir(save))
     assert {"metrics.jsonl", "test.json", checkpoint.LAST} <= files
     assert not files & {"curves.png", "test_ap.png", "test_pr.png"}

@@ -252,12 +252,14 @@ def run_training(family, args, given, argv, callbacks=()):
     check_same_labels(names, test_set, "--test-split %s" % data.test_split)
     if resume_file:
         check_resumed_data(record, train_set, resume_file, data)
+    # built before the run directory: a refused combination (e.g. S3N with --batchnorm sync)
+    # writes nothing
+    task = build_task(family, config, names, ctx, config.model.pretrained and not resume_file)
     if rank == 0:
         save_dir = cli.prepare_save_dir(args, family.script, config.to_dict(),
                                         list(sys.argv[1:] if argv is None else argv))
     else:  # the other workers write nothing (rank 0 holds the same state)
         save_dir = os.path.abspath(args.save_dir or os.path.dirname(resume_file or "") or ".")
-    task = build_task(family, config, names, ctx, config.model.pretrained and not resume_file)
     for split, flag in ((val_set, "--val-split %s" % data.val_split),
                         (test_set, "--test-split %s" % data.test_split)):
         try:

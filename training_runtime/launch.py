@@ -179,7 +179,7 @@ def plan(workers, servers, command, hosts=None, root_uri=None, port=None, extra_
     # workers on one host split its --gpus list between them (unless share_gpus)
     host_of = [hosts[r % len(hosts)] if hosts else None for r in range(workers)]
     per_host = collections.Counter(host_of)
-    local = {host: iter(split_gpus(command, 1 if share_gpus else count))
+    local = {host: iter([list(command)] * count if share_gpus else split_gpus(command, count))
              for host, count in per_host.items()}
     worker_cmds = [next(local[host]) for host in host_of]
     for role, count in (("server", servers), ("worker", workers)):
