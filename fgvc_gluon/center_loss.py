@@ -36,11 +36,20 @@ methods. Wrong shapes and arguments raise ValueError naming the argument.
 
 Gradient bookkeeping in the method: the centers' gradient ignores the incoming
 gradient and is already divided by B, while the runtime calls
-``trainer.step(batch_size)`` (which divides by B again). The method therefore
-uses ``size_average=False`` (no division inside) and spreads ``λ·L_c/B`` over
-the per-sample losses, so after ``step(B)`` both gradients equal upstream's
-``size_average=True`` ones. On several devices each slice counts n_j over its
-own samples (upstream counts over the whole batch).
+``trainer.step(B)`` (which divides by B again). The method therefore uses
+``size_average=False`` (no division inside) and adds ``λ·||x_i − c_{y_i}||²/2``
+to sample i's cross entropy, so after ``step(B)`` both gradients equal
+upstream's ``size_average=True`` ones for the whole global batch of B
+samples (B = ``StepBatch.global_size``, whatever the device slices and
+workers: each slice adds its own samples' terms, and the centres' surrogate
+is summed over the slices). The counts n_j are those of the whole global
+batch (``begin_step`` counts ``StepBatch.global_label``; upstream counts over
+its whole batch, CL-1), so the numbers do not depend on how the batch is
+split over devices or workers. Outside the runner (no ``begin_step``) a slice
+counts n_j over its own samples. ``--amp``: ``MakeLoss`` ignores the incoming
+gradient, hence the loss scale too, while every trainer divides by it: the
+centres' surrogate gradient is multiplied by ``StepBatch.loss_scale``, so the
+centres' update does not depend on the loss scale.
 """
 from collections import OrderedDict
 
@@ -50,6 +59,7 @@ from mxnet.gluon import nn
 
 from training_runtime.images import IMAGENET_MEAN, IMAGENET_STD
 from training_runtime.registry import Knob
+from training_runtime.task import class_counts
 
 from .registry import register_method
 from .task import FGVCTask, InferenceBranch, ParamGroup, check_int, check_num_classes, optimisation_defaults
@@ -68,30 +78,44 @@ RECIPE = dict(backbone=DEMO_BACKBONE, image_size=None, lr=0.001, momentum=0.9, w
               batch_size=128, epochs=100, schedule="step", lr_steps=[20, 40, 60, 80], lr_factor=0.8)
 
 
-def _center_loss_with_upstream_gradients(features, centers, labels, denominator):
-    """Σ||x − c_y||²/2/denominator (shape (1,)) whose autograd gradients are upstream's.
+def _center_loss_terms(features, centers, labels, denominator, counts=None, grad_scale=1.0):
+    """Per-sample ||x_i − c_{y_i}||²/2/denominator, shape (B,), whose autograd gradients
+    (of their sum) are upstream's.
 
-    features B × D, centers K × D, labels (B,). Built from ordinary recorded
-    ops (no custom autograd.Function, whose Python callbacks run on MXNet's
-    engine thread):
+    features B × D, centers K × D, labels (B,); counts: (K,) NDArray of the class counts
+    n_j on the features' context (the whole batch's, e.g. over every device slice), or
+    None: counted over ``labels``; grad_scale: the factor of the centres' gradient (the
+    loss scale of ``--amp``; see below). Built from ordinary recorded ops (no custom
+    autograd.Function, whose Python callbacks run on MXNet's engine thread):
 
-    - the value and the feature gradient come from Σ||x − stop(c_y)||²/2/denominator,
+    - the value and the feature gradient come from ||x_i − stop(c_{y_i})||²/2/denominator,
       so the features get g·(x − c_y)/denominator;
-    - the centers get their gradient through ``make_loss``, whose backward is
-      ones whatever the incoming gradient g (CL-2), applied to the surrogate
+    - the centers get their gradient through ``MakeLoss``, whose backward is
+      ``grad_scale`` whatever the incoming gradient g (CL-2), applied to the surrogate
       Σ_i ||stop(x_i) − c_{y_i}||² / (2·(1 + n_{y_i})·denominator), whose
       derivative is Σ_{i: y_i=j} (c_j − x_i)/(1 + n_j)/denominator (CL-1);
-      ``surrogate − stop(surrogate)`` adds 0 to the value.
+      ``surrogate − stop(surrogate)`` (a (1,) zero, broadcast) adds 0 to the values.
     """
     centers_batch = nd.take(centers, labels)  # B × D
     scale = 1.0 / (2.0 * denominator)
-    feature_term = nd.sum(nd.square(features - nd.BlockGrad(centers_batch))).reshape((1,)) * scale
-    one_hot = nd.one_hot(labels, centers.shape[0])  # B × K
-    counts = nd.BlockGrad(nd.dot(one_hot, 1.0 + nd.sum(one_hot, axis=0)))  # (B,): 1 + n_{y_i}
+    feature_term = nd.sum(nd.square(features - nd.BlockGrad(centers_batch)), axis=1) * scale  # (B,)
+    if counts is None:
+        counts = nd.sum(nd.one_hot(labels, centers.shape[0]), axis=0)  # (K,): n_j of the slice
+    per_sample_counts = nd.BlockGrad(1.0 + nd.take(counts, labels))  # (B,): 1 + n_{y_i}
     squared = nd.sum(nd.square(nd.BlockGrad(features) - centers_batch), axis=1)  # (B,)
-    # make_loss passes ones backwards, so everything the centres' gradient needs is inside it
-    surrogate = nd.make_loss(nd.sum(squared / counts).reshape((1,)) * scale)
-    return feature_term + surrogate - nd.BlockGrad(surrogate)
+    # MakeLoss passes grad_scale backwards (not the incoming gradient), so everything the
+    # centres' gradient needs is inside it
+    surrogate = nd.MakeLoss(nd.sum(squared / per_sample_counts).reshape((1,)) * scale,
+                            grad_scale=float(grad_scale))
+    return nd.broadcast_add(feature_term, surrogate - nd.BlockGrad(surrogate))
+
+
+def _center_loss_with_upstream_gradients(features, centers, labels, denominator, counts=None,
+                                         grad_scale=1.0):
+    """Σ||x − c_y||²/2/denominator, shape (1,), with upstream's gradients: the sum of
+    :func:`_center_loss_terms` (same arguments)."""
+    return nd.sum(_center_loss_terms(features, centers, labels, denominator, counts,
+                                     grad_scale)).reshape((1,))
 
 
 class CenterLoss(gluon.Block):
@@ -109,7 +133,7 @@ class CenterLoss(gluon.Block):
             self.centers = self.params.get("centers", shape=(self.num_classes, self.feat_dim),
                                            init=mx.init.Normal(1.0))
 
-    def forward(self, features, labels):
+    def _checked(self, features, labels, counts, grad_scale):
         batch = features.shape[0]
         features = features.reshape((batch, -1))
         if features.shape[1] != self.feat_dim:
@@ -117,8 +141,31 @@ class CenterLoss(gluon.Block):
                              % (self.feat_dim, features.shape[1]))
         if labels.shape != (batch,):
             raise ValueError("CenterLoss labels: expected shape (%d,), got %s" % (batch, labels.shape))
-        return _center_loss_with_upstream_gradients(
-            features, self.centers.data(features.context), labels, batch if self.size_average else 1)
+        if counts is not None:
+            if not isinstance(counts, nd.NDArray):
+                counts = nd.array(counts, dtype="float32")
+            if counts.shape != (self.num_classes,):
+                raise ValueError("CenterLoss counts: expected shape (%d,) (num_classes), got %s"
+                                 % (self.num_classes, counts.shape))
+            counts = counts.as_in_context(features.context).astype(features.dtype, copy=False)
+        if not float(grad_scale) > 0:
+            raise ValueError("CenterLoss grad_scale: expected a positive number, got %r" % (grad_scale,))
+        return features, counts, batch if self.size_average else 1
+
+    def per_sample(self, features, labels, counts=None, grad_scale=1.0):
+        """Per-sample terms (B,) whose sum is :meth:`forward`'s value, with its gradients.
+
+        counts: (K,) class counts n_j of the whole batch (numpy or NDArray; the runtime's
+        global batch, ``StepBatch.global_label``), default None: counted over ``labels``;
+        grad_scale: multiplies the centres' gradient (``StepBatch.loss_scale`` under --amp).
+        """
+        features, counts, denominator = self._checked(features, labels, counts, grad_scale)
+        return _center_loss_terms(features, self.centers.data(features.context), labels, denominator,
+                                  counts, grad_scale)
+
+    def forward(self, features, labels, counts=None, grad_scale=1.0):
+        """Shape (1,); ``counts`` and ``grad_scale`` as in :meth:`per_sample` (positional)."""
+        return nd.sum(self.per_sample(features, labels, counts, grad_scale)).reshape((1,))
 
 
 class CenterLossNetwork(gluon.HybridBlock):
@@ -164,6 +211,7 @@ class CenterLossMethod(FGVCTask):
         self.loss_weight = float(loss_weight)
         self.center_lr = float(center_lr)
         self._ce = gluon.loss.SoftmaxCrossEntropyLoss()
+        self._step = None  # (class counts (K,), loss scale) of the current step (begin_step)
         mean, std = normalisation
         self.defaults = dict(
             optimisation_defaults(RECIPE),
@@ -183,12 +231,22 @@ class CenterLossMethod(FGVCTask):
                            optimizer_params={"learning_rate": self.center_lr, "momentum": 0.0, "wd": 0.0},
                            follows_schedule=False)]
 
+    def begin_step(self, batch):
+        """The class counts n_j of the whole global batch (CL-1) and the loss scale."""
+        self._step = (class_counts(batch.global_label, self.center_loss.num_classes), batch.loss_scale)
+
+    def after_step(self, epoch):
+        self._step = None
+
     def training_loss(self, data, label, index, epoch):
-        """Per-sample CE_i + λ·L_c/B, (N,): after ``step(B)`` the gradients are upstream's."""
+        """Per-sample CE_i + λ·||x_i − c_{y_i}||²/2, (N,): after ``step(B)`` the gradients are
+        upstream's for the global batch of B samples (module docstring)."""
         label = self.class_labels(label)
         features, logits = self.net(data)
-        center_sum = self.center_loss(features, label)  # size_average=False: Σ||x − c||²/2
-        return self._ce(logits, label) + (self.loss_weight / data.shape[0]) * center_sum
+        counts, loss_scale = self._step if self._step is not None else (None, 1.0)
+        # size_average=False: ||x_i − c||²/2 per sample; the centres' gradient is already Σ/(1 + n_j)
+        center = self.center_loss.per_sample(features, label, counts, loss_scale)
+        return self._ce(logits, label) + self.loss_weight * center
 
     def predict(self, data, epoch):
         return OrderedDict([("classifier", self.net(data)[1])])

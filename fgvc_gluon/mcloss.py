@@ -42,9 +42,14 @@ Differences from upstream that never change the numbers of the upstream
 configuration: the average pool is global (upstream's AvgPool2d(height) is
 global only when height == H, MC-5) and maps need not be square; the ResNet
 classifiers max-pool globally (upstream's MaxPool2d(14) is global for 224
-inputs with ResNet-18 and 448 with ResNet-50). On several devices each
-device slice draws its own mask (upstream draws one per step); masks are
-i.i.d. either way.
+inputs with ResNet-18 and 448 with ResNet-50).
+
+In the method (:class:`MCLossMethod`) the mask is drawn ONCE per step, in
+``begin_step`` (after the runtime's per-step reseeding, identically on every
+worker), and used for every device slice of that step: one mask for the whole
+global batch, as upstream, so the numbers do not depend on how the batch is
+split over devices or workers. :class:`MCLoss` on its own still draws a fresh
+mask on every call without a ``mask`` argument.
 
 Networks (VGG16 / ResNet-18: upstream trains them from scratch; initialised
 like PyTorch's defaults, except that Conv/Dense biases start at 0):
@@ -591,6 +596,7 @@ class MCLossMethod(FGVCTask):
         self.mc_loss = mc_loss_block
         self.classifier_lr_mult = classifier_lr_mult
         self._ce = gluon.loss.SoftmaxCrossEntropyLoss()
+        self._step_mask = None  # the current step's mask, numpy 1 × C × 1 × 1 (begin_step)
         self.defaults = dict(
             optimisation_defaults(recipe),
             image_size=image_size, resize=None, train_crop="pad_random", crop_scale=None,
@@ -607,11 +613,19 @@ class MCLossMethod(FGVCTask):
                 ParamGroup("classifier", self.net.classifier.collect_params(),
                            lr_mult=self.classifier_lr_mult)]
 
+    def begin_step(self, batch):
+        """Draw the step's one mask (1 × C × 1 × 1) for every device slice of the step."""
+        self._step_mask = self.mc_loss.draw_mask()
+
+    def after_step(self, epoch):
+        self._step_mask = None
+
     def training_loss(self, data, label, index, epoch):
-        """Per-sample CE_i + α·L_dis_i + β·L_div_i, (N,): its batch mean is upstream's loss."""
+        """Per-sample CE_i + α·L_dis_i + β·L_div_i, (N,): its batch mean is upstream's loss.
+        The mask is the step's (``begin_step``); outside the runner a fresh one per call."""
         label = self.class_labels(label)
         logits, feature_maps = self.net(data)
-        l_dis, l_div = self.mc_loss.terms(feature_maps, label)
+        l_dis, l_div = self.mc_loss.terms(feature_maps, label, self._step_mask)
         return self._ce(logits, label) + self.mc_loss.alpha * l_dis + self.mc_loss.beta * l_div
 
     def predict(self, data, epoch):

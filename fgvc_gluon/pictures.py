@@ -53,8 +53,9 @@ def _class_name(task, k):
 
 # ---------------------------------------------------------------------------- S3N
 
-def s3n_samples(net, data, mode):
-    """S3N's sampling of ``data`` (N×3×S×S) as the network does it in mode ``mode``:
+def s3n_samples(net, data, mode, uniforms=None):
+    """S3N's sampling of ``data`` (N×3×S×S) as the network does it in mode ``mode``
+    (``uniforms``: mode 1's N×961 U(0, 1) numbers, default drawn from MXNet's RNG):
     dict of numpy arrays ``scores`` N×31×31 (the decide map), ``to_zoom`` /
     ``to_complement`` N×31×31 (0/1 peaks), ``zoom`` / ``complement`` N×3×S×S and
     ``logits`` N×K (the raw classifier)."""
@@ -66,7 +67,8 @@ def s3n_samples(net, data, mode):
         logits = nd.FullyConnected(nd.mean(features, axis=(2, 3)), weight, bias, num_hidden=net.num_classes)
         maps = net.class_response_maps(nd, features, weight, bias)
         _, _, details = generate_map(data, maps, mode, net.base_ratio, net.radius.data(ctx),
-                                     net.radius_inv.data(ctx), net.filter.data(ctx), return_details=True)
+                                     net.radius_inv.data(ctx), net.filter.data(ctx), return_details=True,
+                                     uniforms=uniforms)
     grid = (-1, GRID_SIZE, GRID_SIZE)
     out = {k: details[k].asnumpy().reshape(grid) for k in ("scores", "to_zoom", "to_complement")}
     out.update(zoom=details["zoom"].asnumpy(), complement=details["complement"].asnumpy(),
@@ -80,7 +82,8 @@ def s3n_pictures(task, batches, directory, epoch):
     if not data:
         return []
     mode = evaluation_mode(epoch)
-    parts = [s3n_samples(task.net, x, mode) for x in data]
+    uniforms = getattr(task, "evaluation_uniforms", lambda x, epoch: None)
+    parts = [s3n_samples(task.net, x, mode, uniforms(x, epoch)) for x in data]
     sampled = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
     mean, std = task.defaults["mean"], task.defaults["std"]
     images = _images(task, data)

@@ -42,14 +42,28 @@ Behaviour that differs from upstream (each documented where it happens)
   map (0/0 in the min-max normalisation), raise NameError upstream. Here both
   give maps of only ``base_ratio`` for Q_d and Q_c (the "fixed" upstream
   behaviour of the golden cases); a constant map is treated as having no peak.
-- Mode p = 1 draws its U(0, 1) numbers from MXNet's random generator
-  (``mx.random.seed`` makes it reproducible), one number per grid position,
-  instead of Python's ``random.uniform`` once per peak; the distribution of
-  the decisions is the same.
+- Mode p = 1 compares each peak's score with a U(0, 1) number of its own,
+  one per grid position (N×961 ``uniforms``), instead of Python's
+  ``random.uniform`` once per peak; the distribution of the decisions is the
+  same. The method (:class:`S3NMethod`) computes them on the host
+  (:func:`keyed_uniforms`): in training from a per-step base drawn from
+  numpy (the runtime reseeds numpy before every step) and each sample's
+  dataset index, in an evaluation from a per-evaluation base (numpy, reseeded
+  before every evaluation) and the sample's position in the evaluation split.
+  A sample's decisions therefore do not depend on how the batch is split over
+  devices or workers. Without ``uniforms`` (:func:`generate_map`, ``net(x, 1)``,
+  ``predict`` outside an evaluation, the exported graph) they are drawn from
+  MXNet's random generator (``mx.random.seed`` makes them reproducible), one
+  draw per call: a single exported graph sees whole batches.
+- The class response maps, and the decide maps and peaks made from them, are
+  computed in the network's dtype (float32 under ``--amp``, whose float16
+  convolution gives the maps: they are cast back before map generation).
 - The class response maps use the raw classifier's weights directly (no
   ``map_origin`` copy); the maps carry no gradient, as upstream (no_grad).
 """
+import contextlib
 import numbers
+import sys
 from collections import OrderedDict
 
 import mxnet as mx
@@ -91,7 +105,7 @@ RECIPE = dict(backbone="resnet50_v1", image_size=448, lr=0.001, momentum=0.9, wd
 
 __all__ = ["make_gaussian", "gaussian_kernel", "mean_threshold", "find_peaks", "create_grid", "generate_map",
            "multi_smooth_loss", "smooth_loss", "resize_align_corners", "RESIZE_IMPLS", "SAMPLER_IMPLS",
-           "resolve_sampler_impl", "bilinear_sample", "S3N", "S3NMethod",
+           "resolve_sampler_impl", "bilinear_sample", "keyed_uniforms", "S3N", "S3NMethod",
            "build_method", "BACKBONES", "RECIPE"]
 
 
@@ -443,16 +457,19 @@ def _sparse_attention(F, scores, selected, weights_fn, theta_arg, scale, base_ra
     return F.batch_dot(weighted_row, gauss_col, transpose_a=True) + base_ratio        # N×31×31
 
 
-def _mode_selection(F, scores, peaks, mode, dtype):
+def _mode_selection(F, scores, peaks, mode, dtype, uniforms=None):
     """Which peaks enter Q_d and Q_c for the mode array ``mode`` (1,) ∈ {0, 1, 2} (S3N-4).
 
     0: every peak into both; 1: a peak goes to Q_d if s > U(0, 1), else to
-    Q_c (U drawn by MXNet's RNG, one per position); 2: the first highest-score
-    peak to Q_d, the first lowest-score one to Q_c. Returns (to_zoom,
-    to_complement, is_mode2), N×961 0/1 maps and a (1,) flag.
+    Q_c (U: ``uniforms`` N×961, one per position; None: drawn here by MXNet's
+    RNG); 2: the first highest-score peak to Q_d, the first lowest-score one
+    to Q_c. Returns (to_zoom, to_complement, is_mode2), N×961 0/1 maps and a
+    (1,) flag.
     """
     is_mode = [F.reshape(mode == value, (1, 1)) for value in MODES]
-    to_zoom_random = peaks * (scores > F.random.uniform_like(scores))
+    if uniforms is None:
+        uniforms = F.random.uniform_like(scores)
+    to_zoom_random = peaks * (scores > uniforms)
     below = F.ones_like(scores) * -1.0      # scores are in [0, 1]: −1 / 2 never win
     above = F.ones_like(scores) * 2.0
     highest = F.one_hot(F.argmax(F.where(peaks > 0, scores, below), axis=1), depth=GRID_SIZE ** 2,
@@ -469,11 +486,12 @@ def _mode_selection(F, scores, peaks, mode, dtype):
 
 def _generate(F, images, class_response_maps, mode, radius, radius_inv, filter_weight,
               num_classes, base_ratio, out_size=None, dtype="float32", resize_impl="matmul",
-              sampler_impl="mxnet"):
+              sampler_impl="mxnet", uniforms=None):
     """Core of :func:`generate_map`, written for both nd and sym (HybridBlock) use.
 
     images N×3×H×W, class_response_maps N×K×31×31, mode (1,), radius and
-    radius_inv (1,), filter_weight 1×1×61×61. Returns a dict: ``zoom`` and
+    radius_inv (1,), filter_weight 1×1×61×61, uniforms N×961 U(0, 1) of mode 1
+    (None: drawn by MXNet's RNG). Returns a dict: ``zoom`` and
     ``complement`` (N×3×S×S), ``scores`` / ``peaks`` / ``to_zoom`` /
     ``to_complement`` (N×961: normalised decide map, 0/1 masks), ``xs`` /
     ``xs_inv`` (N×31×31 saliency), ``grid`` / ``grid_inv`` (N×2×S×S). ``sampler_impl``:
@@ -484,7 +502,7 @@ def _generate(F, images, class_response_maps, mode, radius, radius_inv, filter_w
     maps = F.reshape(scores, (-1, 1, GRID_SIZE, GRID_SIZE))
     peaks = _peak_mask(F, maps, 3, GRID_SIZE, GRID_SIZE) * _above_mean(F, maps)
     peaks = F.broadcast_mul(F.reshape(peaks, (-1, GRID_SIZE ** 2)), F.reshape(valid, (-1, 1)))
-    to_zoom, to_complement, is_mode2 = _mode_selection(F, scores, peaks, mode, dtype)
+    to_zoom, to_complement, is_mode2 = _mode_selection(F, scores, peaks, mode, dtype, uniforms)
     mode2 = F.broadcast_like(is_mode2, scores) > 0
     # p = 2 passes s, not sqrt(s), to the zoom radius (S3N-4)
     xs = _sparse_attention(F, scores, to_zoom, lambda s: s,
@@ -512,8 +530,37 @@ def _as_data(value, ctx, dtype="float32"):
     return nd.array(np.reshape(np.asarray(value), (1,)), ctx=ctx, dtype=dtype)
 
 
+def keyed_uniforms(base, keys, stream=0):
+    """U(0, 1) numbers of mode p = 1, one row per key: float32 numpy len(keys) × 961.
+
+    Row r depends only on (base, stream, keys[r]) (``numpy.random.SeedSequence``), so a
+    sample's numbers are the same whichever batch or device slice it is in. base: an
+    int (drawn per step / per evaluation); keys: ints (dataset indices in training,
+    positions in the evaluation split); stream: an int separating uses (0 training,
+    1 evaluation).
+    """
+    keys = np.asarray(keys, dtype=np.int64).reshape(-1)
+    rows = np.empty((len(keys), GRID_SIZE ** 2), np.float32)
+    for r, key in enumerate(keys):
+        generator = np.random.Generator(np.random.PCG64(np.random.SeedSequence([int(base), int(stream),
+                                                                                int(key)])))
+        rows[r] = generator.random(GRID_SIZE ** 2, dtype=np.float32)
+    return rows
+
+
+def _check_uniforms(uniforms, batch, ctx, dtype, owner):
+    """``uniforms`` (numpy or NDArray, batch × 961) as an NDArray on ``ctx`` in ``dtype``."""
+    if not isinstance(uniforms, nd.NDArray):
+        uniforms = nd.array(np.asarray(uniforms, np.float32), ctx=ctx, dtype=dtype)
+    if uniforms.shape != (batch, GRID_SIZE ** 2):
+        raise ValueError("%s uniforms: expected %d×%d (one U(0, 1) per sample and grid position), "
+                         "got shape %s" % (owner, batch, GRID_SIZE ** 2, uniforms.shape))
+    return uniforms.as_in_context(ctx).astype(dtype, copy=False)
+
+
 def generate_map(images, class_response_maps, p, base_ratio, radius, radius_inv,
-                 filter_weight=None, return_details=False, resize_impl="matmul", sampler_impl="auto"):
+                 filter_weight=None, return_details=False, resize_impl="matmul", sampler_impl="auto",
+                 uniforms=None):
     """Upstream ``S3N.generate_map``: (zoomed, complementary) images, each N×3×S×S.
 
     images: N×3×S×S NDArray (gradients flow to it); class_response_maps:
@@ -526,7 +573,8 @@ def generate_map(images, class_response_maps, p, base_ratio, radius, radius_inv,
     of only base_ratio. With ``return_details`` also returns a dict of the
     intermediates (see :func:`_generate`). ``resize_impl``: how the 31×31
     grid is resized to S×S, see :data:`RESIZE_IMPLS`; ``sampler_impl``: how the images
-    are sampled, see :data:`SAMPLER_IMPLS`.
+    are sampled, see :data:`SAMPLER_IMPLS`; ``uniforms``: N×961 U(0, 1) numbers of mode
+    1 (numpy or NDArray, e.g. :func:`keyed_uniforms`), default drawn from MXNet's RNG.
     """
     _check_resize_impl(resize_impl, "generate_map")
     if not isinstance(images, nd.NDArray) or images.ndim != 4:
@@ -546,11 +594,14 @@ def generate_map(images, class_response_maps, p, base_ratio, radius, radius_inv,
     sampler_impl = _sampler_for_dtype(resolve_sampler_impl(sampler_impl, ctx, "generate_map"), dtype)
     if filter_weight is None:
         filter_weight = _default_filter(ctx, dtype)
+    if uniforms is not None:
+        uniforms = _check_uniforms(uniforms, images.shape[0], ctx, dtype, "generate_map")
     result = _generate(nd, images, _as_data(class_response_maps, ctx, dtype),
                        nd.array([p], ctx=ctx, dtype=dtype),
                        _as_data(radius, ctx, dtype), _as_data(radius_inv, ctx, dtype),
                        _as_data(filter_weight, ctx, dtype), crm_shape[1], float(base_ratio),
-                       dtype=dtype, resize_impl=resize_impl, sampler_impl=sampler_impl)
+                       dtype=dtype, resize_impl=resize_impl, sampler_impl=sampler_impl,
+                       uniforms=uniforms)
     if return_details:
         return result["zoom"], result["complement"], result
     return result["zoom"], result["complement"]
@@ -569,9 +620,11 @@ def _zoo_features(backbone, pretrained):
 
 
 class S3N(gluon.HybridBlock):
-    """The S3N network (SPEC §2.2, S3N-16): ``net(x, p)`` → (concat, raw, zoom, complementary).
+    """The S3N network (SPEC §2.2, S3N-16): ``net(x, p[, uniforms])`` → (concat, raw, zoom,
+    complementary).
 
-    x: N×3×S×S images; p: mode 0/1/2 (int, or an NDArray (1,)); outputs four
+    x: N×3×S×S images; p: mode 0/1/2 (int, or an NDArray (1,)); ``net(x, p, uniforms)``
+    gives mode 1 its N×961 U(0, 1) numbers (see :meth:`forward`); outputs four
     N×num_classes logits. The backbone features (N×F×h×w) are applied three
     times with shared weights (raw, zoomed, complementary images); the class
     response maps are the raw classifier's weights applied as a 1×1 conv to
@@ -647,26 +700,49 @@ class S3N(gluon.HybridBlock):
         self.sampler_impl = _sampler_for_dtype(self.sampler_impl, self.dtype)
         super(S3N, self).cast(dtype)
 
-    def forward(self, x, p=0, *args):
-        """Accept the mode as a Python int (converted to an NDArray (1,) on x's device)."""
-        if isinstance(x, nd.NDArray) and not isinstance(p, nd.NDArray):
+    def forward(self, x, p=0, uniforms=None):
+        """Accept the mode as a Python int (converted to an NDArray (1,) on x's device).
+
+        uniforms: N×961 U(0, 1) numbers of mode 1 (numpy or NDArray, e.g.
+        :func:`keyed_uniforms`). With NDArrays the graph always takes them as an
+        input (a hybridized graph has one input format): when not given, mode 1
+        (or a mode given as an NDArray) draws them from MXNet's RNG and modes 0 / 2
+        pass zeros, which they never read. With Symbols (export) and no
+        ``uniforms`` the graph draws them itself (``random.uniform_like``).
+        """
+        if not isinstance(x, nd.NDArray):
+            return super(S3N, self).forward(x, p) if uniforms is None else \
+                super(S3N, self).forward(x, p, uniforms)
+        mode = None
+        if not isinstance(p, nd.NDArray):
             if p not in MODES:
                 raise ValueError("S3N p: expected 0, 1 or 2, got %r" % (p,))
+            mode = p
             p = nd.array([p], ctx=x.context, dtype=x.dtype)
-        return super(S3N, self).forward(x, p, *args)
+        shape, dtype = (x.shape[0], GRID_SIZE ** 2), self.dtype
+        if uniforms is not None:
+            uniforms = _check_uniforms(uniforms, x.shape[0], x.context, dtype, "S3N")
+        elif mode in (0, 2):
+            uniforms = nd.zeros(shape, ctx=x.context, dtype=dtype)
+        else:
+            uniforms = nd.random.uniform(shape=shape, ctx=x.context, dtype=dtype)
+        return super(S3N, self).forward(x, p, uniforms)
 
     def class_response_maps(self, F, features, weight, bias):
-        """N×F×h×w features → N×K×31×31 CAMs of the raw classifier (no gradient)."""
+        """N×F×h×w features → N×K×31×31 CAMs of the raw classifier (no gradient), in the
+        network's dtype (float32 unless cast: under --amp the float16 convolution's maps are
+        cast back, so the decide maps and peaks are float32; a no-op otherwise)."""
         weight = F.stop_gradient(F.reshape(weight, (0, 0, 1, 1)))
         maps = F.Convolution(features, weight, F.stop_gradient(bias), kernel=(1, 1),
                              num_filter=self.num_classes)
         if self.resize_impl == "matmul":
-            return F.stop_gradient(resize_align_corners(F, maps, GRID_SIZE, GRID_SIZE, self.dtype))
-        return F.stop_gradient(F.contrib.BilinearResize2D(maps, height=GRID_SIZE, width=GRID_SIZE,
-                                                          align_corners=True))
+            maps = resize_align_corners(F, maps, GRID_SIZE, GRID_SIZE, self.dtype)
+        else:
+            maps = F.contrib.BilinearResize2D(maps, height=GRID_SIZE, width=GRID_SIZE, align_corners=True)
+        return F.stop_gradient(F.cast(maps, dtype=self.dtype))
 
-    def hybrid_forward(self, F, x, p, radius, radius_inv, filter, raw_classifier_weight,
-                       raw_classifier_bias):
+    def hybrid_forward(self, F, x, p, uniforms=None, radius=None, radius_inv=None, filter=None,
+                       raw_classifier_weight=None, raw_classifier_bias=None):
         feature_raw = self.features(x)
         pooled_raw = F.mean(feature_raw, axis=(2, 3))
         raw = F.FullyConnected(pooled_raw, raw_classifier_weight, raw_classifier_bias,
@@ -674,7 +750,8 @@ class S3N(gluon.HybridBlock):
         maps = self.class_response_maps(F, feature_raw, raw_classifier_weight, raw_classifier_bias)
         sampled = _generate(F, x, maps, p, radius, radius_inv, filter, self.num_classes,
                             self.base_ratio, out_size=self.image_size, dtype=self.dtype,
-                            resize_impl=self.resize_impl, sampler_impl=self.sampler_impl)
+                            resize_impl=self.resize_impl, sampler_impl=self.sampler_impl,
+                            uniforms=uniforms)
         pooled_zoom = F.mean(self.sampler_buffer(self.features(sampled["zoom"])), axis=(2, 3))
         pooled_comp = F.mean(self.sampler_buffer1(self.features(sampled["complement"])), axis=(2, 3))
         zoom = self.sampler_classifier(pooled_zoom)
@@ -737,8 +814,23 @@ def evaluation_mode(epoch):
     return 1 if epoch <= STAGE_EPOCH else 2
 
 
+def _random_base():
+    """A base of :func:`keyed_uniforms` drawn from numpy's global generator (which the
+    runtime reseeds before every step and every evaluation, identically on every worker)."""
+    return int(np.random.randint(0, 2 ** 32, dtype=np.int64))
+
+
 class S3NMethod(FGVCTask):
-    """S3N as a task: the network, its parameter groups, loss and branches."""
+    """S3N as a task: the network, its parameter groups, loss and branches.
+
+    Mode p = 1's random decisions are per sample and do not depend on the device
+    split (module docstring): training rows are keyed by (the step's base,
+    dataset index), drawn when the runtime calls ``begin_step``; evaluation rows
+    by (the evaluation's base, position in the split), counted over the slices of
+    an :meth:`evaluate` / :meth:`test_report` / :meth:`pictures` call in order.
+    ``training_loss`` without ``begin_step`` (or without indices) and ``predict``
+    outside an evaluation draw from MXNet's RNG, as the exported graph does.
+    """
 
     name = "s3n"
     BRANCHES = ("concat", "raw", "zoom", "complementary")
@@ -749,6 +841,8 @@ class S3NMethod(FGVCTask):
         self.net = net
         self.smooth_ratio = smooth_ratio
         self.loss_weight = loss_weight
+        self._step_base = None     # keyed_uniforms base of the current training step (begin_step)
+        self._evaluation = None    # [base, next position] during an evaluation
         # upstream update_lr(epoch_step=40) fires at the start of 0-based epoch 39: lr_steps [39]
         self.defaults = dict(optimisation_defaults(RECIPE))
         self.defaults.update({
@@ -769,16 +863,56 @@ class S3NMethod(FGVCTask):
         on the sum of the per-sample losses gives the same update.
         """
         label = self.class_labels(label)
-        outputs = self.net(data, training_mode(epoch))
+        mode, uniforms = training_mode(epoch), None
+        if mode == 1 and self._step_base is not None and index is not None:
+            uniforms = keyed_uniforms(self._step_base, index.asnumpy(), stream=0)
+        outputs = self.net(data, mode, uniforms)
         return multi_smooth_loss(outputs, label, self.smooth_ratio, self.loss_weight, per_sample=True)
 
+    def begin_step(self, batch):
+        """Mode 1 (epochs > 20): draw the step's base of the per-sample uniforms."""
+        self._step_base = _random_base() if training_mode(batch.epoch) == 1 else None
+
+    def after_step(self, epoch):
+        self._step_base = None
+
+    @contextlib.contextmanager
+    def _evaluation_stream(self):
+        """Within: ``predict`` numbers its samples from 0 under a base drawn now."""
+        self._evaluation = [_random_base(), 0]
+        try:
+            yield
+        finally:
+            self._evaluation = None
+
+    def evaluation_uniforms(self, data, epoch):
+        """N×961 uniforms of the next N samples of the current evaluation (``data`` N×...),
+        or None (no evaluation under way, or a mode other than 1); advances the count."""
+        if self._evaluation is None:
+            return None
+        base, start = self._evaluation
+        self._evaluation[1] += data.shape[0]
+        if evaluation_mode(epoch) != 1:
+            return None
+        return keyed_uniforms(base, np.arange(start, start + data.shape[0]), stream=1)
+
     def predict(self, data, epoch):
-        outputs = self.net(data, evaluation_mode(epoch))
+        outputs = self.net(data, evaluation_mode(epoch), self.evaluation_uniforms(data, epoch))
         return OrderedDict(zip(self.BRANCHES, outputs))
+
+    def evaluate(self, batches, epoch):
+        with self._evaluation_stream():
+            return super(S3NMethod, self).evaluate(batches, epoch)
+
+    def test_report(self, batches, epoch, out=sys.stdout):
+        with self._evaluation_stream():
+            return super(S3NMethod, self).test_report(batches, epoch, out)
 
     def inference_block(self, epoch):
         """N×3×S×S -> the concat logits N×K at ``evaluation_mode(epoch)`` (the mode a
-        constant of the graph; mode 1, epochs <= 20, draws random numbers as predict does).
+        constant of the graph; mode 1, epochs <= 20, draws its uniforms inside the graph from
+        MXNet's RNG, as ``predict`` outside an evaluation does: an exported graph sees whole
+        batches, so no device split is involved).
         The graph samples with MXNet's BilinearSampler (``net.sampler_impl`` is set to
         'mxnet'), so that the exported files load without this package's native kernel."""
         mode = float(evaluation_mode(epoch))
@@ -798,7 +932,8 @@ class S3NMethod(FGVCTask):
         """RUN/pictures/s3n_epoch<N>.png: inputs, class response maps with peaks, zoomed and complementary samples
         (:mod:`fgvc_gluon.pictures`)."""
         from .pictures import s3n_pictures
-        return s3n_pictures(self, batches, directory, epoch)
+        with self._evaluation_stream():  # mode 1: the same decisions whatever the device split
+            return s3n_pictures(self, batches, directory, epoch)
 
 
 def build_method(num_classes, backbone=RECIPE["backbone"], pretrained=False, image_size=RECIPE["image_size"],
