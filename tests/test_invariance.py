@@ -43,9 +43,13 @@ ARGS = {
 }
 
 
+#: MC-Loss's demo lr (0.05) diverges with BatchNorm frozen at its initial statistics
+EXTRA = {"mcloss": ["--lr", "0.005"]}
+
+
 def script_args(family):
     args = ARGS["attr"] if family == "attr" else ARGS["fgvc"][:1] + ["--method", family] + ARGS["fgvc"][1:]
-    return args + COMMON
+    return args + COMMON + EXTRA.get(family, [])
 
 
 def main_of(family):

@@ -122,6 +122,7 @@ class GradientReducer(object):
         self.initialised = False
         self._synced_step = None
         self._sum_buffers = {}
+        self._loss_buffer = None
 
     def ready(self):
         """True when every parameter has its shape (deferred ones get it at the first forward)."""
@@ -209,12 +210,15 @@ class GradientReducer(object):
         for priority, (key, p) in enumerate(self.params):
             self.kv.push(key, p.list_grad(), priority=-priority)
         if loss_sum is not None:
-            loss_sum = loss_sum.reshape((1,)).astype("float32", copy=False)
-            self.kv.push(LOSS_KEY, loss_sum, priority=-len(self.params))
+            # pushed and pulled in place in one buffer (see all_sum: a fresh array per step let
+            # a pending pull write into the next step's array: wrong logged losses)
+            if self._loss_buffer is None or self._loss_buffer.context != loss_sum.context:
+                self._loss_buffer = mx.nd.zeros((1,), ctx=loss_sum.context)
+            loss_sum.reshape((1,)).astype("float32", copy=False).copyto(self._loss_buffer)
+            self.kv.push(LOSS_KEY, self._loss_buffer, priority=-len(self.params))
         for priority, (key, p) in enumerate(self.params):
             self.kv.pull(key, out=p.list_grad(), priority=-priority)
         if loss_sum is None:
             return None
-        total = mx.nd.zeros((1,), ctx=loss_sum.context)
-        self.kv.pull(LOSS_KEY, out=total, priority=-len(self.params))
-        return total
+        self.kv.pull(LOSS_KEY, out=self._loss_buffer, priority=-len(self.params))
+        return self._loss_buffer.copy()
