@@ -110,14 +110,6 @@ def _center_loss_terms(features, centers, labels, denominator, counts=None, grad
     return nd.broadcast_add(feature_term, surrogate - nd.BlockGrad(surrogate))
 
 
-def _center_loss_with_upstream_gradients(features, centers, labels, denominator, counts=None,
-                                         grad_scale=1.0):
-    """Σ||x − c_y||²/2/denominator, shape (1,), with upstream's gradients: the sum of
-    :func:`_center_loss_terms` (same arguments)."""
-    return nd.sum(_center_loss_terms(features, centers, labels, denominator, counts,
-                                     grad_scale)).reshape((1,))
-
-
 class CenterLoss(gluon.Block):
     """``loss(features B×D (or B×...), labels (B,))`` → shape (1,), with upstream's gradients.
 

@@ -24,7 +24,8 @@ What lives here
   MXNet 1.9.1's CPU ``BilinearSampler`` runs on one thread; the same formula,
   equal to float32 rounding; ``BilinearSampler`` on GPUs, without a C++
   compiler, and in exported graphs (see :data:`SAMPLER_IMPLS`).
-- :class:`S3N`: the whole network (a HybridBlock; ``net(x, p)``).
+- :class:`S3N`: the whole network (a HybridBlock; ``net(x, p[, uniforms])``).
+- :func:`keyed_uniforms`: mode 1's U(0, 1) numbers per sample, keyed by (base, key).
 - :func:`multi_smooth_loss`, :func:`smooth_loss`: the upstream criterion (they
   live in :mod:`fgvc_gluon.losses`, re-exported here).
 - :class:`S3NMethod` / :func:`build_method`: the :class:`~fgvc_gluon.task.FGVCTask`
@@ -533,19 +534,26 @@ def _as_data(value, ctx, dtype="float32"):
 def keyed_uniforms(base, keys, stream=0):
     """U(0, 1) numbers of mode p = 1, one row per key: float32 numpy len(keys) × 961.
 
-    Row r depends only on (base, stream, keys[r]) (``numpy.random.SeedSequence``), so a
-    sample's numbers are the same whichever batch or device slice it is in. base: an
-    int (drawn per step / per evaluation); keys: ints (dataset indices in training,
-    positions in the evaluation split); stream: an int separating uses (0 training,
-    1 evaluation).
+    Row r depends only on (base, stream, keys[r]), so a sample's numbers are the same
+    whichever batch or device slice it is in: it is the block of 961 outputs of one
+    PCG64 stream (seeded by ``SeedSequence([base, stream])``) that starts at output
+    ``keys[r]·961`` (``advance``: the blocks of distinct keys never overlap), each
+    output's top 24 bits as a float32 in [0, 1). base: an int (drawn per step / per
+    evaluation); keys: non-negative ints (dataset indices in training, positions in the
+    evaluation split); stream: an int separating uses (0 training, 1 evaluation).
     """
     keys = np.asarray(keys, dtype=np.int64).reshape(-1)
-    rows = np.empty((len(keys), GRID_SIZE ** 2), np.float32)
+    cells = GRID_SIZE ** 2
+    generator = np.random.PCG64(np.random.SeedSequence([int(base), int(stream)]))
+    start = generator.state
+    rows = np.empty((len(keys), cells), np.float32)
     for r, key in enumerate(keys):
-        generator = np.random.Generator(np.random.PCG64(np.random.SeedSequence([int(base), int(stream),
-                                                                                int(key)])))
-        rows[r] = generator.random(GRID_SIZE ** 2, dtype=np.float32)
-    return rows
+        if key < 0:
+            raise ValueError("keyed_uniforms keys: expected non-negative ints, got %d" % key)
+        generator.state = start
+        generator.advance(int(key) * cells)
+        rows[r] = (generator.random_raw(cells) >> np.uint64(40)).astype(np.float32)
+    return rows * np.float32(2.0 ** -24)
 
 
 def _check_uniforms(uniforms, batch, ctx, dtype, owner):

@@ -18,11 +18,12 @@ import tempfile
 import mxnet as mx
 import numpy as np
 import pytest
-from mxnet import gluon, nd
+from mxnet import autograd, gluon, nd
 from mxnet.gluon import nn
 
 import fgvc_gluon.family  # noqa: F401  (registers every method)
 from fgvc_gluon import s3n
+from fgvc_gluon.center_loss import CenterLoss
 from fgvc_gluon.registry import METHODS
 from training_runtime import config, loop
 from training_runtime.config import ModelConfig
@@ -201,6 +202,44 @@ def test_s3n_uniforms_are_keyed_by_sample():
     np.testing.assert_array_equal(s3n.keyed_uniforms(9, [11, 4])[0], rows[2])  # any batch, any order
     assert not np.array_equal(s3n.keyed_uniforms(10, [4])[0], rows[0])
     assert not np.array_equal(s3n.keyed_uniforms(9, [4], stream=1)[0], rows[0])
+    many = s3n.keyed_uniforms(9, np.arange(200))  # U(0, 1): mean 1/2, variance 1/12, no repeats
+    assert abs(many.mean() - 0.5) < 0.005 and abs(many.var() - 1.0 / 12) < 0.002
+    assert len(np.unique(many)) > 0.99 * many.size
+    np.testing.assert_array_equal(many[[4, 11]], rows[[0, 2]])
+
+
+def test_center_loss_block_takes_the_batch_counts_and_a_gradient_scale():
+    """CenterLoss on two slices of one batch with the batch's counts: the centres' gradients
+    sum to the closed form (c_j − x_i summed over the batch, / (1 + n_j) of the batch);
+    grad_scale multiplies them and leaves the value and the feature gradient alone."""
+    rng = np.random.RandomState(4)
+    features, centers = rng.normal(size=(8, 3)), rng.normal(size=(3, 3))
+    labels = np.array([0, 0, 0, 1, 1, 2, 2, 2])
+    counts = np.bincount(labels, minlength=3).astype(np.float32)
+    loss = CenterLoss(3, 3, size_average=False)
+    loss.initialize()
+    loss.centers.set_data(nd.array(centers))
+    expected = np.zeros_like(centers)
+    for j in range(3):
+        expected[j] = (centers[j] - features[labels == j]).sum(axis=0) / (1 + counts[j])
+    results = {}
+    for scale in (1.0, 8.0):
+        x = nd.array(features)
+        x.attach_grad()
+        with autograd.record():
+            parts = [loss.per_sample(x[a:b], nd.array(labels[a:b]), counts, scale) for a, b in ((0, 4), (4, 8))]
+            value = nd.concat(*parts, dim=0)
+        value.backward()
+        results[scale] = value.asnumpy(), x.grad.asnumpy(), loss.centers.grad().asnumpy().copy()
+    value, feature_grad, centre_grad = results[1.0]
+    np.testing.assert_allclose(value, ((features - centers[labels]) ** 2).sum(axis=1) / 2, rtol=1e-5)
+    np.testing.assert_allclose(feature_grad, features - centers[labels], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(centre_grad, expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(results[8.0][0], value)
+    np.testing.assert_array_equal(results[8.0][1], feature_grad)
+    np.testing.assert_allclose(results[8.0][2], 8.0 * expected, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match=r"^CenterLoss counts: expected shape \(3,\)"):
+        loss(nd.array(features), nd.array(labels), counts[:2])
 
 
 def test_centerloss_update_does_not_depend_on_the_loss_scale(tmp_path):
