@@ -152,7 +152,7 @@ def test_two_devices_each_slice_gets_its_own_centre_gradient():
         assert grad.context == data.context
         feats, labels = method.net(data)[0].asnumpy(), label.asnumpy()
         expected = np.zeros_like(centers)
-        for j in range(4):  # counts n_j over the device's own slice (documented deviation)
+        for j in range(4):  # outside the runner (no begin_step): n_j over the slice's own labels
             members = labels == j
             expected[j] = (centers[j] - feats[members]).sum(axis=0) / (1 + members.sum())
         np.testing.assert_allclose(grad.asnumpy(), expected, rtol=1e-4, atol=1e-6)

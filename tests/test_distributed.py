@@ -104,21 +104,10 @@ def runs(tmp_path_factory):
             save = str(root / name)
             family, kind = name.split("-")[0], name.split("-")[1]
             script = ["train_attr.py"] if family == "attr" else ["train_fgvc.py", "--method", family]
-            # the one process on two CPU contexts: the same split of the batch as two workers, so the
-            # same sums (center loss also counts each class over a device's own samples)
-            cpus = ["--cpus", "2"]
-            tiny, one = TINY, ONE
-            if family == "attr":
-                tiny, one = TINY + ATTR["train"], ["--batch-size", str(int(ONE[1]) * ATTR["batch"])]
-            if kind == "one":  # in this process (no import cost), while the distributed runs go
-                start(family + "-two")
-                if family == "attr":
-                    start("attrbn-two")
-                if family == "centerloss":
-                    start(family + "-killed", expect=None)
-                main = (train_attr if family == "attr" else train_fgvc).main
-                proc = main(script[1:] + tiny + one + cpus + ["--save-dir", save])
-            elif kind in ("two", "killed"):
+            if family == "centerloss":  # the uninterrupted and the killed run overlap
+                start("centerloss-two")
+                start("centerloss-killed", expect=None)
+            if kind in ("two", "killed"):
                 start(name, expect=0 if kind == "two" else None)
                 proc = started.pop(name).result()
             elif kind == "resumed":
