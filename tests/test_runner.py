@@ -276,3 +276,48 @@ def test_free_space_is_checked_before_the_first_step(tmp_path, monkeypatch):
     with pytest.raises(UserError, match="not enough disk space in %s" % tmp_path):
         runner.run()
     assert runner.step == 0
+
+
+class OverflowAt(loop.Callback):
+    """Gives the given steps an infinite scaled gradient and a finite loss (an --amp overflow:
+    every trainer skips the step): + (l - stop(l)) * 3e38 adds 0 to the value."""
+
+    def __init__(self, *steps):
+        self.steps = steps
+
+    def on_losses(self, runner, losses):
+        if runner.step + 1 not in self.steps:
+            return losses
+        return [l + (l - l.detach()) * 3e38 for l in losses]
+
+
+def test_amp_loss_scale_resumes_exactly(tmp_path):
+    """--amp's dynamic scale (LossScaling, exercised on CPU: its arithmetic needs no float16) is
+    checkpointed: after overflows at steps 2 and 4 the scale is 2**14; a run stopped at step 6
+    resumes with it (before: 2**16 again) and ends equal to the uninterrupted run."""
+    reference = make_runner(tmp_path / "ref", callbacks=[OverflowAt(2, 4)], checkpoint_every=3,
+                            amp=True)
+    reference.run()
+    crashed = make_runner(tmp_path / "run", callbacks=[OverflowAt(2, 4), StopAt(7)],
+                          checkpoint_every=3, amp=True)
+    with pytest.raises(KeyboardInterrupt):
+        crashed.run()
+    saved = checkpoint.read(str(tmp_path / "run" / checkpoint.LAST))[0]["progress"]["loss_scaling"]
+    assert saved["next"] == 2.0 ** 14
+    resumed = make_runner(tmp_path / "run", checkpoint_every=3, amp=True)
+    resumed.resume(str(tmp_path / "run" / checkpoint.LAST))
+    assert resumed.loss_scaling.state_dict() == saved
+    resumed.run()
+    assert resumed.loss_scaling.state_dict() == reference.loss_scaling.state_dict()
+    for name, value in params(reference).items():
+        np.testing.assert_array_equal(params(resumed)[name], value)
+
+
+def test_each_worker_loads_only_its_share_of_the_global_batch(tmp_path):
+    """--kvstore dist_*: worker r of W reads (and augments) only its consecutive share of every
+    global batch (distributed.shard), not the whole batch."""
+    runner = make_runner(tmp_path)
+    runner.rank, runner.world_size = 1, 2
+    batches = [[5, 1, 7, 3, 9], [0, 2, 4, 6]]
+    keys = list(runner._loader(batches)._batch_sampler)
+    assert keys == [[(0, 3), (0, 9)], [(0, 4), (0, 6)]]

@@ -93,22 +93,7 @@ def test_kill_and_resume_gives_the_same_parameters(reference_run, tmp_path, kill
     assert strip == [{k: v for k, v in json.loads(line).items() if k != "time"} for line in ref_lines]
 
 
-def test_two_cpu_contexts_match_one_with_frozen_batchnorm(tmp_path, fashion_mnist_dir):
-    """Data parallelism over [cpu(0), cpu(1)] = one context, when BatchNorm uses its running
-    statistics (--batchnorm frozen: a sample's output does not depend on its device's batch)."""
-    runs = {}
-    for cpus in ("1", "2"):
-        save_dir = str(tmp_path / ("cpus" + cpus))
-        run_attr(TINY + ["--save-dir", save_dir, "--max-steps", "3", "--cpus", cpus,
-                         "--batchnorm", "frozen", "--loss", "original"])
-        runs[cpus] = params_of(os.path.join(save_dir, "last.ckpt"))[1]
-    diff = max_param_diff(runs["2"], runs["1"])
-    print("2 contexts vs 1: max parameter difference %g" % diff)
-    # both runs see the same batches (per-sample augmentation seeds); what differs is the float32
-    # order of the gradient sums (two device halves + kvstore vs one batch): measured 1.2e-7
-    # (1 ulp at 1.0) after 3 steps, with mxnet's SGD and training_runtime.optim.SGD alike (the
-    # 4.2e-5 noted at commit 92c23d2 does not occur on this branch)
-    assert diff <= 1e-6
+# one context against two (and two workers), every method: tests/test_invariance.py
 
 
 def test_sync_batchnorm_on_cpu_contexts_is_refused():

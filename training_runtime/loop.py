@@ -493,7 +493,8 @@ class Runner(object):
                 "best": self.best if math.isfinite(self.best) else None,
                 "loss_sum": self.monitor.loss_sum, "loss_count": self.monitor.count,
                 "epoch_time": self._elapsed(), "batch_size": self.runtime.batch_size,
-                "seed": self.runtime.seed, "world_size": self.world_size}
+                "seed": self.runtime.seed, "world_size": self.world_size,
+                "loss_scaling": self.loss_scaling.state_dict() if self.loss_scaling else None}
 
     def save(self, best=False, sync=True):
         """Write RUN/last.ckpt (rank 0 only: every worker holds the same state), also as
@@ -541,6 +542,8 @@ class Runner(object):
         self.best = progress["best"] if progress["best"] is not None else -math.inf
         self.monitor = LossMonitor(progress["loss_sum"], progress["loss_count"])
         self.epoch_time = progress["epoch_time"]
+        if self.loss_scaling is not None and progress.get("loss_scaling"):
+            self.loss_scaling.load_state_dict(progress["loss_scaling"])
         if self.rank == 0:
             self.metrics.truncate(self.epoch)
             self.steps_log.truncate(self.step)

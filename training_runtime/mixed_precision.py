@@ -77,6 +77,15 @@ class LossScaling(object):
         self.loss_scale = self._next = self.START
         self._clean = 0
 
+    def state_dict(self):
+        """The dynamic scale's state, JSON-able (saved in checkpoints: a resumed run continues
+        with the scale and clean-step count of the uninterrupted one)."""
+        return {"loss_scale": self.loss_scale, "next": self._next, "clean": self._clean}
+
+    def load_state_dict(self, state):
+        self.loss_scale, self._next = float(state["loss_scale"]), float(state["next"])
+        self._clean = int(state["clean"])
+
     def scale(self, losses):
         """The losses times the current scale (inside ``autograd.record``); the trainers'
         gradient rescale divided by it."""
