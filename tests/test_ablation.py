@@ -16,6 +16,8 @@ from imbalanced_attr import task as _registers_attention  # noqa: F401 (register
 from imbalanced_attr.registry import METHODS
 from training_runtime.config import ModelConfig
 
+pytestmark = pytest.mark.slow  # end-to-end runs: not in the fast loop (-m "not slow")
+
 
 def test_quick_ablation_table_and_plot_come_from_real_runs(tmp_path):
     out = str(tmp_path / "quick")

@@ -23,6 +23,8 @@ import train_fgvc
 from training_runtime import checkpoint, distributed, launch as launcher
 from training_runtime.errors import UserError
 
+pytestmark = pytest.mark.slow  # end-to-end runs: not in the fast loop (-m "not slow")
+
 TINY = ["--picture-images", "0", "--figures", "none", "--train-limit", "16", "--val-limit", "4", "--test-limit", "4",
         "--seed", "1", "--epochs", "1", "--batchnorm", "frozen", "--image-size", "32"]
 DIST = ["--batch-size", "4", "--kvstore", "dist_sync"]   # x 2 workers

@@ -14,6 +14,8 @@ from imbalanced_attr import fashion_attributes
 from training_runtime import fashion_mnist, records
 from training_runtime.errors import UserError
 
+pytestmark = pytest.mark.slow  # end-to-end runs: not in the fast loop (-m "not slow")
+
 SPLITS = ["train", "val", "test"]
 NUM_ATTRIBUTES = len(fashion_attributes.ATTRIBUTE_NAMES)
 ATTR_TINY = ["--picture-images", "0", "--train-limit", "64", "--val-limit", "32", "--test-limit", "32", "--batch-size", "16",

@@ -17,6 +17,8 @@ from resume_harness import max_param_diff, metrics_without_time, params_of, run_
 from training_runtime import checkpoint, cli, errors, loop
 from training_runtime.errors import UserError
 
+pytestmark = pytest.mark.slow  # end-to-end runs: not in the fast loop (-m "not slow")
+
 SCRIPT = "train_fgvc.py"
 TINY = ["--picture-images", "0", "--method", "mcloss", "--train-limit", "64", "--val-limit", "32", "--test-limit", "32",
         "--batch-size", "16", "--epochs", "2", "--seed", "5"]

@@ -17,6 +17,8 @@ from training_runtime import checkpoint, cli
 from training_runtime.errors import UserError
 from resume_harness import max_param_diff, params_of, run_script
 
+pytestmark = pytest.mark.slow  # end-to-end runs: not in the fast loop (-m "not slow")
+
 TINY = ["--picture-images", "0", "--train-limit", "64", "--val-limit", "32", "--test-limit", "32", "--batch-size", "16",
         "--lr", "0.01", "--epochs", "2", "--seed", "3"]
 # the reference run and its kill-and-resume twins; --normalize original is not the demo's

@@ -18,6 +18,8 @@ from resume_harness import kill_and_resume, max_param_diff, metrics_without_time
 from training_runtime import checkpoint, cli
 from training_runtime.errors import UserError
 
+pytestmark = pytest.mark.slow  # end-to-end runs: not in the fast loop (-m "not slow")
+
 SCRIPT = "train_fgvc.py"
 STEPS_PER_EPOCH = 6
 TINY = ["--picture-images", "0", "--train-limit", "96", "--val-limit", "48", "--test-limit", "48", "--batch-size", "16",
