@@ -3,7 +3,6 @@ exact resume, invariance across devices, --test / --predict load it, off by defa
 
 In process: the toy tasks of tests/test_runner.py (and one with a BatchNorm layer) and
 one tiny real run of the fine-grained baseline on the demo data."""
-import collections
 import dataclasses
 import json
 import os
@@ -17,7 +16,6 @@ from test_runner import LinearTask, StopAt, linear_data, make_config, toy_family
 from training_runtime import app, checkpoint, config, loop
 from training_runtime.errors import UserError
 from training_runtime.schedule import make_schedule
-from training_runtime.task import ParamGroup
 
 EPS = 1e-5  # Gluon's BatchNorm epsilon
 
