@@ -33,6 +33,7 @@ from . import distributed, mixed_precision
 from .loop import (TEST_FILE, Runner, evaluate, evaluated_epoch, evaluation_batches, freeze_batchnorm,
                    use_sync_batchnorm)
 from .schedule import make_schedule
+from .ema import CHECKPOINT_NAME as EMA_NAME
 
 
 PREDICTIONS = "predictions.csv"  # --predict's default --output
@@ -290,15 +291,19 @@ def run_training(family, args, given, argv, callbacks=()):
             print("resume: applied %s (from step %d)" % (run_config.describe_changes(changes), runner.step))
     runner.run()
     epoch = evaluated_epoch({"epoch": runner.epoch, "batch_in_epoch": runner.batch_in_epoch})
-    print("final test of %s after epoch %d on %s (%d images)" % (
-        config.model.method, epoch, data.test_split, len(test_set)))
     # where test_report may write its figures (training_runtime.plots); rank 0 only
     task.figure_dir = save_dir if rank == 0 and config.runtime.figures != "none" else None
-    report = evaluate(task, test_set.transform_first(task.transform(False)), ctx, config, epoch,
-                      report=sys.stdout)
+    with runner.averaged_weights() as averaged:  # --ema: the test of the moving average
+        print("final test of %s after epoch %d on %s (%d images)%s" % (
+            config.model.method, epoch, data.test_split, len(test_set),
+            ", with the moving average of the weights (--ema %g)" % config.optim.ema if averaged else ""))
+        report = evaluate(task, test_set.transform_first(task.transform(False)), ctx, config, epoch,
+                          report=sys.stdout)
     if rank == 0:
-        write_json(os.path.join(save_dir, TEST_FILE),
-                   dict(report, epoch=epoch, skipped_images=skipped_images(test=test_set)))
+        written = dict(report, epoch=epoch, skipped_images=skipped_images(test=test_set))
+        if averaged:
+            written["weights"] = "ema"
+        write_json(os.path.join(save_dir, TEST_FILE), written)
     return report
 
 
@@ -337,7 +342,13 @@ def _inference_task(family, args, given, flag, purpose):
     names = tuple(record["meta"]["labels"])
     ctx = cli.contexts(config.runtime)
     task = build_task(family, config, names, ctx, pretrained=False)
-    checkpoint.load_parameters(path, task.blocks(), {"script": family.script}, flag)
+    averaged = config.optim.ema is not None  # --ema: its moving average is the model (docs/EMA.md)
+    loaded = checkpoint.load_parameters(path, task.blocks(), {"script": family.script}, flag,
+                                        overlay=EMA_NAME if averaged else None)
+    if averaged:
+        print("weights: %s of %s" % ("the moving average (--ema %g)" % config.optim.ema
+                                      if loaded["overlaid"] else
+                                      "the trained weights (--ema: no step was averaged yet)", path))
     return task, config, names, evaluated_epoch(record["progress"]), path
 
 

@@ -532,10 +532,20 @@ def _set_params(path, arrays, blocks, flag):
             param._load_init(mx.nd.array(saved, dtype=saved.dtype), param.list_ctx())
 
 
-def load_parameters(path, blocks, meta, flag="--test"):
-    """Only the parameters of a checkpoint (evaluation, prediction); returns its record."""
+def load_parameters(path, blocks, meta, flag="--test", overlay=None):
+    """Only the parameters of a checkpoint (evaluation, prediction); returns its record.
+
+    overlay: the name of an extra state whose arrays ``<block>/<param>`` replace those
+    parameters (``ema``: the moving average of --ema); the record's ``overlaid`` is then
+    the number of parameters replaced (0: the checkpoint holds none)."""
     record, arrays = read(path, flag)
     _check_meta(path, record, meta, flag)
+    if overlay is not None:
+        prefix = "extra/%s/" % overlay
+        replaced = {"param/" + k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
+        replaced = {k: v for k, v in replaced.items() if k in arrays}  # parameters only
+        arrays.update(replaced)
+        record["overlaid"] = len(replaced)
     _set_params(path, arrays, blocks, flag)
     return record
 

@@ -33,14 +33,16 @@ from .records import packed_dataset_name
 
 
 def _field(default, help, flag=None, choices=None, minimum=None, maximum=None, resumable=False,
-           test=False, nargs=None, aliases=(), positive=False):
+           test=False, nargs=None, aliases=(), positive=False, below=None, metavar=None):
     """A dataclass field with its command-line metadata.
 
     resumable: may differ on --resume (applied and logged); test: may differ
-    for --test / --predict (it does not change the model or its inputs).
+    for --test / --predict (it does not change the model or its inputs);
+    below: an exclusive upper bound.
     """
     meta = dict(help=help, flag=flag, choices=choices, minimum=minimum, maximum=maximum,
-                resumable=resumable, test=test, nargs=nargs, aliases=tuple(aliases), positive=positive)
+                resumable=resumable, test=test, nargs=nargs, aliases=tuple(aliases), positive=positive,
+                below=below, metavar=metavar)
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -101,6 +103,12 @@ class OptimConfig:
     lr_steps: List[int] = _field([], "0-based epochs where the step rule multiplies the lr by "
                                      "--lr-factor", nargs="*", minimum=0)
     lr_factor: float = _field(0.1, "lr multiplier of the step rule", positive=True)
+    ema: Optional[float] = _field(None, "keep an exponential moving average of the weights and "
+                                        "BatchNorm statistics, ema = DECAY ema + (1 - DECAY) w after "
+                                        "every step (e.g. 0.9998); evaluation, the final test, the "
+                                        "checkpoints' --test / --predict / export use it "
+                                        "(docs/EMA.md; default: off)",
+                                  positive=True, below=1.0, metavar="DECAY")
 
 
 @dataclass
@@ -249,7 +257,7 @@ def add_arguments(parser, family, method_flag=True):
         help_text = meta["help"] + ("" if default in (None, [], "") else " (default %s)" % (default,))
         group.add_argument(flag, *meta["aliases"], dest=f.name, type=kind, choices=meta["choices"],
                            nargs=meta["nargs"], default=argparse.SUPPRESS, help=help_text,
-                           metavar=None if meta["choices"] else _metavar(f.name, kind))
+                           metavar=None if meta["choices"] else meta.get("metavar") or _metavar(f.name, kind))
     _add_knob_arguments(parser, family)
     return parser
 
@@ -314,6 +322,8 @@ def _check_field(f, value):
             raise UserError("%s: expected at least %g, got %r" % (field_flag(f), meta["minimum"], v))
         if meta["maximum"] is not None and v > meta["maximum"]:
             raise UserError("%s: expected at most %g, got %r" % (field_flag(f), meta["maximum"], v))
+        if meta.get("below") is not None and not v < meta["below"]:
+            raise UserError("%s: expected less than %g, got %r" % (field_flag(f), meta["below"], v))
     if meta["choices"] is not None and value not in meta["choices"]:
         raise UserError("%s: expected one of %s, got %r" % (field_flag(f), ", ".join(meta["choices"]), value))
 

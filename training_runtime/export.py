@@ -173,7 +173,9 @@ def sidecar(task, config, names, epoch, source, fmt, files):
                 output=output, source={"checkpoint": os.path.abspath(source), "epoch": epoch,
                                        "method": config.model.method,
                                        "backbone": config.model.backbone,
-                                       "dataset": config.data.dataset})
+                                       "dataset": config.data.dataset,
+                                       # --ema: the exported weights are the moving average
+                                       "ema": config.optim.ema})
 
 
 def export(run, fmt, output, out=None):

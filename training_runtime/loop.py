@@ -28,6 +28,7 @@ Callbacks (:class:`Callback`) observe or alter a run at fixed points; the
 tests' kill, NaN and fault hooks are callbacks (tests/hooks.py).
 """
 import collections
+import contextlib
 import ctypes
 import math
 import os
@@ -44,6 +45,7 @@ from mxnet.gluon.contrib.nn import SyncBatchNorm
 from tqdm import tqdm
 
 from . import checkpoint, distributed, mixed_precision, plots
+from .ema import CHECKPOINT_NAME as EMA_NAME, WeightAverage
 from . import optim as fast_optim
 from .progress import EpochProgress, RecordLog, StepLog, start_line
 from .errors import RunInterrupted, UserError, writing
@@ -473,6 +475,8 @@ class Runner(object):
         #: --amp: one dynamic loss scale for every trainer (training_runtime.mixed_precision)
         self.loss_scaling = (mixed_precision.LossScaling(self.trainers.values())
                              if self.runtime.amp else None)
+        #: --ema: the moving average of the weights on the first device (training_runtime.ema)
+        self.ema = WeightAverage(self.blocks, self.optim.ema, ctx[0]) if self.optim.ema else None
         self.metrics = MetricsLog(save_dir, log, draw=self.runtime.figures != "none")
         self.steps_log = StepLog(save_dir, log)
         #: () -> dict merged into every metrics.jsonl record (e.g. skipped-image counts)
@@ -503,8 +507,14 @@ class Runner(object):
         uninterrupted one; after the write, so a dead worker cannot hold it up);
         ``sync=False`` (a signal: the other workers may not reach this point) skips that."""
         if self.rank == 0:
+            extra = self.task.extra_state()
+            if self.ema is not None:
+                if EMA_NAME in extra:
+                    raise ValueError("%s.extra_state: the name %r is the runtime's (--ema)"
+                                     % (type(self.task).__name__, EMA_NAME))
+                extra = dict(extra, **{EMA_NAME: self.ema.state_dict()})
             arrays = checkpoint.capture(self.blocks, self.trainers, self.schedule, self._progress(),
-                                        self.meta, self.task.extra_state(), workdir=self.save_dir)
+                                        self.meta, extra, workdir=self.save_dir)
             last = os.path.join(self.save_dir, checkpoint.LAST)
             checkpoint.save(last, arrays)
             if best:
@@ -536,6 +546,9 @@ class Runner(object):
                                 "order would change)" % (path, key.replace("_", "-"), progress[key],
                                                           getattr(self.runtime, key)))
         self.schedule.rebase(self.optim.lr)  # a changed --lr applies from here (reported by the caller)
+        averaged = extra.pop(EMA_NAME, None)
+        if self.ema is not None:
+            self.ema.load_state_dict(averaged or {}, "--resume: %s" % path)
         self.task.load_extra_state(extra)
         self.epoch, self.batch_in_epoch = progress["epoch"], progress["batch_in_epoch"]
         self.step = progress["step"]
@@ -559,6 +572,18 @@ class Runner(object):
         return gluon.data.DataLoader(self.train_set, batch_sampler=epoch_keys(self.epoch, shares),
                                      num_workers=self.config.data.num_workers)
 
+    @contextlib.contextmanager
+    def averaged_weights(self):
+        """--ema: within the block the model holds the moving average (every device; dist:
+        rank 0's BatchNorm statistics on every worker, a collective); yields whether it
+        does (False without --ema or before the first step)."""
+        if self.ema is None:
+            yield False
+            return
+        sync = None if self.reducer is None else self.reducer.sync_aux
+        with self.ema.swapped(sync) as swapped:
+            yield swapped
+
     def train_step(self, batch, global_size=None):
         """Forward/backward on every device slice, then one step of every trainer.
 
@@ -575,6 +600,8 @@ class Runner(object):
             all_sum=self.reducer.all_sum if self.reducer is not None else None))
         ctx = self.ctx[:min(len(self.ctx), data.shape[0])]
         slices = [gluon.utils.split_and_load(x, ctx, even_split=False) for x in (data, label, index)]
+        if self.ema is not None:
+            self.ema.start_if_ready()  # from the weights this (first) step starts from
         with autograd.record():
             losses = [self.task.training_loss(d, l, i, self.epoch) for d, l, i in zip(*slices)]
             for loss, d in zip(losses, slices[0]):
@@ -593,6 +620,8 @@ class Runner(object):
                 # the same seed; checked (the gradients above used the local values)
                 self.reducer.broadcast(check_unchanged=True)
             step_sum = self.reducer.reduce(step_sum)  # the global batch's loss
+        if self.ema is not None:
+            self.ema.start_if_ready()  # deferred shapes: known after the first forward
         # --amp: an overflow anywhere skips every trainer's update (dist: checked on the
         # summed gradients, so every worker decides alike)
         skip = self.loss_scaling is not None and self.loss_scaling.overflow()
@@ -603,6 +632,8 @@ class Runner(object):
                 else:
                     trainer.step(data.shape[0])
         self.task.after_step(self.epoch)
+        if self.ema is not None:
+            self.ema.update()  # every step (also one an --amp overflow skipped), as timm
         return step_sum
 
     def _elapsed(self):
@@ -613,11 +644,12 @@ class Runner(object):
         """Evaluate, apply the lr rule (complete epochs only), log; True if the metric improved."""
         self.monitor.check()
         self.share_statistics()  # every device and worker evaluates with the same statistics
-        metrics = {k: float(v) if isinstance(v, (int, float, np.number)) else v
-                   for k, v in evaluate(self.task, self.val_set, self.ctx, self.config, self.epoch).items()}
+        with self.averaged_weights() as averaged:  # --ema: evaluated with the average
+            metrics = {k: float(v) if isinstance(v, (int, float, np.number)) else v for k, v in
+                       evaluate(self.task, self.val_set, self.ctx, self.config, self.epoch).items()}
+            if self.rank == 0:  # one writer of RUN/pictures
+                self._pictures()
         value = metrics[self.task.metric_name]
-        if self.rank == 0:  # one writer of RUN/pictures
-            self._pictures()
         # a partial epoch's evaluation never sets the best of the full epochs
         improved = value > self.best and not partial
         if improved:
@@ -629,13 +661,16 @@ class Runner(object):
         record = {"epoch": self.epoch, "lr": lr, "train_loss": self.monitor.mean,
                   "val": metrics, "time": round(elapsed, 3), "steps": self.step}
         record.update(self.extra_record())
+        if averaged:
+            record["weights"] = "ema"
         if partial:
             record["partial"] = True
         if self.rank == 0:
             self.metrics.append(record)
         self.log("epoch %d%s: lr %g, train loss %.4f, %s, %.1fs" % (
             self.epoch, " (stopped by --max-steps)" if partial else "", lr, self.monitor.mean,
-            ", ".join("val %s %.4f" % (k, v) for k, v in metrics.items() if isinstance(v, float)),
+            ", ".join("val %s%s %.4f" % ("(EMA) " if averaged else "", k, v)
+                      for k, v in metrics.items() if isinstance(v, float)),
             elapsed))
         return improved
 
@@ -663,8 +698,9 @@ class Runner(object):
         return self.runtime.max_steps - self.step if self.runtime.max_steps else math.inf
 
     def checkpoint_bytes(self):
-        """An estimate of one checkpoint's size: the parameters plus one optimizer buffer each."""
-        return 2 * sum(int(np.prod(p.shape)) * np.dtype(p.dtype).itemsize
+        """An estimate of one checkpoint's size: the parameters plus one optimizer buffer each
+        (and their moving average with --ema)."""
+        return (3 if self.ema is not None else 2) * sum(int(np.prod(p.shape)) * np.dtype(p.dtype).itemsize
                        for block in self.blocks.values() for p in block.collect_params().values()
                        if all(d > 0 for d in p.shape)) + checkpoint.SAFETY_BYTES
 
