@@ -209,7 +209,7 @@ def test_unavailable_pretrained_weights_raise_a_user_error(monkeypatch):
 
     monkeypatch.setattr(model_store, "get_model_file", offline)
     with pytest.raises(UserError, match=r"--pretrained: could not load the model-zoo weights "
-                                        r"for resnet18_v1 \(OSError: Failed to resolve"):
+                                        r"of resnet18_v1 \(OSError: Failed to resolve"):
         get_backbone("resnet18_v1", 3, pretrained=True)
 
 
