@@ -2,7 +2,8 @@
 
 There is no single upstream for a plain fine-tuned classifier; we follow the
 baseline that S3N ships (``Yao-DD/S3N`` demo/cub_baseline.yml), so that the
-baseline and S3N are trained alike: ResNet-50 at 448×448, SGD momentum 0.9,
+baseline and S3N are trained alike: ResNet-50 (torchvision's layout, GluonCV's
+``resnet50_v1b``, as upstream; ``--backbone resnet50_v1`` for Gluon's) at 448×448, SGD momentum 0.9,
 wd 1e-4, batch 16, 30 epochs, base lr 0.001 with lr ×10 for the new
 classifier, lr ×0.1 from epoch 20, train random-resized crop (scale 0.5–1)
 plus flip, ImageNet mean/std (:data:`RECIPE`). The loss is S3N's ``smooth_loss`` (label smoothing,
@@ -42,7 +43,7 @@ __all__ = ["RECIPE", "BaselineMethod", "build_method",
            "classifier_network"]
 
 #: upstream settings (S3N's cub_baseline.yml) as run-definition fields
-RECIPE = dict(backbone="resnet50_v1", image_size=448, lr=0.001, momentum=0.9, wd=1e-4, batch_size=16,
+RECIPE = dict(backbone="resnet50_v1b", image_size=448, lr=0.001, momentum=0.9, wd=1e-4, batch_size=16,
               epochs=30, schedule="step", lr_steps=[20], lr_factor=0.1)
 
 

@@ -61,10 +61,11 @@ like PyTorch's defaults, except that Conv/Dense biases start at 0):
 - :func:`resnet18_mc`: ResNet-18 whose last stage has c·ξ channels and
   stride 1 (14×14 for 224 inputs); classifier branch global max-pool → BN →
   Dense 512 → BN → ELU → Dense c.
-- :func:`resnet50_mc`: upstream MC_ResNet50.py (commit 9e495cc): the
-  model-zoo ResNet-50 v1 (``resnet50_v1``, ImageNet weights with
-  ``pretrained``; upstream: torchvision's ResNet-50, stride in the 3×3 conv)
-  up to its last stage, no extra layer: its 2048 channels (14×14 at 448) are
+- :func:`resnet50_mc`: upstream MC_ResNet50.py (commit 9e495cc): torchvision's
+  ResNet-50 layout (stride in the 3×3 conv of a downsampling bottleneck), i.e.
+  GluonCV's ``resnet50_v1b`` (ImageNet weights with ``pretrained``;
+  ``--backbone resnet50_v1_mc``: the same on Gluon's ``resnet50_v1``, stride
+  in the first 1×1 conv, with Gluon's weights) up to its last stage, no extra layer: its 2048 channels (14×14 at 448) are
   split by :func:`near_equal_groups` (ξ = 2048 // c for the first classes,
   +1 for the last 2048 mod c; error for c > 2048); the classifier branch as
   resnet18_mc's. Trained with two parameter groups, ``backbone`` and
@@ -114,7 +115,10 @@ from .data import s3n_test_resize
 from .task import FGVCTask, InferenceBranch, ParamGroup, check_int, check_num_classes, optimisation_defaults
 from .zoo import features_without_pool, model_zoo_network
 
-BACKBONES = ("vgg16_bn_mc", "resnet18_mc", "resnet50_mc")
+#: MC backbone -> the model-zoo ResNet-50 it is built on (fgvc_gluon.zoo): upstream's torchvision
+#: layout (GluonCV's resnet50_v1b), or Gluon's own v1
+RESNET50_ZOO_NAMES = {"resnet50_mc": "resnet50_v1b", "resnet50_v1_mc": "resnet50_v1"}
+BACKBONES = ("vgg16_bn_mc", "resnet18_mc") + tuple(RESNET50_ZOO_NAMES)
 #: upstream settings (PRIS-CV/Mutual-Channel-Loss, CUB) as run-definition fields
 RECIPE = dict(backbone="vgg16_bn_mc", image_size=224, lr=0.1, momentum=0.9, wd=5e-4, batch_size=32,
               epochs=300, schedule="step", lr_steps=[149, 224], lr_factor=0.1)
@@ -124,10 +128,13 @@ RESNET50_RECIPE = dict(backbone="resnet50_mc", image_size=448, lr=0.01, momentum
                        batch_size=64, epochs=300, schedule="cosine", lr_steps=[], lr_factor=0.1)
 #: the run-definition values of --backbone resnet50_mc (layered over RECIPE)
 RESNET50_RUN = dict(RESNET50_RECIPE, pretrained=True)
+#: ... and of --backbone resnet50_v1_mc (the same recipe on Gluon's ResNet-50 v1)
+RESNET50_V1_RUN = dict(RESNET50_RUN, backbone="resnet50_v1_mc")
 RESNET50_CLASSIFIER_LR_MULT = 10.0
 #: backbone -> upstream (alpha, beta) of CE + alpha L_dis + beta L_div: CUB-200-2011.py's get_params
 #: (alpha_1 1.5, beta_1 20); MC_ResNet50.py's ``CE + 0.0005 * (L_dis + 10 L_div)``
-LOSS_WEIGHTS = {"vgg16_bn_mc": (1.5, 20.0), "resnet18_mc": (1.5, 20.0), "resnet50_mc": (0.0005, 0.005)}
+LOSS_WEIGHTS = {"vgg16_bn_mc": (1.5, 20.0), "resnet18_mc": (1.5, 20.0), "resnet50_mc": (0.0005, 0.005),
+                "resnet50_v1_mc": (0.0005, 0.005)}
 MIN_IMAGE_SIZE = 32
 MC = "MC"  # placeholder for the c·ξ-channel layers in the VGG layout
 VGG16_MC_LAYOUT = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, MC, "M", 512, 512, MC)
@@ -532,36 +539,62 @@ def resnet18_mc(num_classes, xi=3, width=1.0, ctx=None):
 #: ResNet-50 v1 stage output widths (stem, stages 1-4) and blocks per stage, as the model zoo's
 RESNET50_CHANNELS = (64, 256, 512, 1024, 2048)
 RESNET50_LAYERS = (3, 4, 6, 3)
-RESNET50_ZOO_NAME = "resnet50_v1"
+RESNET50_ZOO_NAME = RESNET50_ZOO_NAMES["resnet50_mc"]
 
 
-def resnet50_features(width=1.0, pretrained=False):
-    """The model-zoo ResNet-50 v1 up to its last stage (no global pool): N×3×S×S → N×F×S/32×S/32.
+def _scaled_resnet50_v1b(channels):
+    """A ResNet-50 of torchvision's layout with stage widths ``channels`` (stem, stages 1-4), made
+    of GluonCV's BottleneckV1b (stride in the 3×3 conv): ``features`` N×3×S×S → N×F×S/32×S/32
+    (small test nets; not initialised)."""
+    from gluoncv.model_zoo.resnetv1b import BottleneckV1b  # imported on use
+    features = nn.HybridSequential(prefix="resnetv1b_")
+    with features.name_scope():
+        features.add(nn.Conv2D(channels[0], 7, strides=2, padding=3, use_bias=False),
+                     nn.BatchNorm(), nn.Activation("relu"), nn.MaxPool2D(3, strides=2, padding=1))
+        for index, (width, blocks) in enumerate(zip(channels[1:], RESNET50_LAYERS)):
+            stage = nn.HybridSequential(prefix="layers%d_" % (index + 1))
+            with stage.name_scope():
+                for block in range(blocks):
+                    strides = 2 if index > 0 and block == 0 else 1
+                    downsample = None
+                    if block == 0:  # the first bottleneck of a stage changes the width
+                        downsample = nn.HybridSequential(prefix="down%d_" % (index + 1))
+                        downsample.add(nn.Conv2D(width, 1, strides=strides, use_bias=False), nn.BatchNorm())
+                    stage.add(BottleneckV1b(width // 4, strides, downsample=downsample, norm_layer=nn.BatchNorm))
+            features.add(stage)
+    return features
 
-    F = 2048 at ``width`` 1 (the zoo's ``resnet50_v1``, with its ImageNet
-    weights if ``pretrained``); other widths scale every stage (F =
-    round(2048·width), small test nets, never pretrained). Not initialised
-    unless pretrained. Returns (features HybridSequential, F).
+
+def resnet50_features(width=1.0, pretrained=False, zoo_name=RESNET50_ZOO_NAME):
+    """The model-zoo ResNet-50 ``zoo_name`` (resnet50_v1b: torchvision's layout, resnet50_v1:
+    Gluon's) up to its last stage (no global pool): N×3×S×S → N×F×S/32×S/32.
+
+    F = 2048 at ``width`` 1 (the zoo's network, with its ImageNet weights if
+    ``pretrained``: True or a weights file); other widths scale every stage (F =
+    round(2048·width), small test nets of the same layout, never pretrained). Not
+    initialised unless pretrained. Returns (features HybridSequential, F).
     """
     if width == 1.0:
-        zoo = model_zoo_network(RESNET50_ZOO_NAME, pretrained)
-        channels = RESNET50_CHANNELS
-    else:
-        if pretrained:
-            raise ValueError("width: the ImageNet weights are those of the full ResNet-50 (width 1), got %r"
-                             % (width,))
-        channels = tuple(_scaled(c, width) for c in RESNET50_CHANNELS)
-        channels = (channels[0],) + tuple(max(4, c) for c in channels[1:])  # bottlenecks use c // 4
-        zoo = vision.resnet.ResNetV1(vision.resnet.BottleneckV1, list(RESNET50_LAYERS), list(channels))
+        zoo = model_zoo_network(zoo_name, pretrained)
+        return features_without_pool(zoo), RESNET50_CHANNELS[-1]
+    if pretrained:
+        raise ValueError("width: the ImageNet weights are those of the full ResNet-50 (width 1), got %r"
+                         % (width,))
+    channels = tuple(_scaled(c, width) for c in RESNET50_CHANNELS)
+    channels = (channels[0],) + tuple(max(4, c) for c in channels[1:])  # bottlenecks use c // 4
+    if zoo_name == "resnet50_v1b":
+        return _scaled_resnet50_v1b(channels), channels[-1]
+    zoo = vision.resnet.ResNetV1(vision.resnet.BottleneckV1, list(RESNET50_LAYERS), list(channels))
     return features_without_pool(zoo), channels[-1]
 
 
-def resnet50_mc(num_classes, width=1.0, pretrained=False, ctx=None):
-    """Upstream MC_ResNet50.py's network: the model-zoo ResNet-50 v1 up to its last stage, with no
+def resnet50_mc(num_classes, width=1.0, pretrained=False, ctx=None, zoo_name=RESNET50_ZOO_NAME):
+    """Upstream MC_ResNet50.py's network: the model-zoo ResNet-50 ``zoo_name`` (default
+    torchvision's layout, GluonCV's resnet50_v1b) up to its last stage, with no
     extra layer (its F = 2048 channels are the MC channels, split by :func:`near_equal_groups`)
     and the classifier global max-pool → BN → Dense 512 → BN → ELU → Dense c; initialised on
     ``ctx`` (the backbone only when not ``pretrained``). Returns (net, groups)."""
-    body, channels = resnet50_features(width, pretrained)
+    body, channels = resnet50_features(width, pretrained, zoo_name)
     groups = near_equal_groups(channels, num_classes)
     net = MCNetwork(body, _classifier_head(num_classes, nn.GlobalMaxPool2D()))
     ctx = ctx or mx.cpu()
@@ -657,28 +690,30 @@ def build_method(num_classes, backbone=RECIPE["backbone"], xi=None, alpha=None, 
     ``pretrained``); keep: channels kept per class by the mask (None: ceil(ξ/2),
     resnet50_mc :func:`resnet50_keep`; an int, or one per group run); seed:
     the mask generator's own seed (default numpy's global generator).
-    ``pretrained`` (ImageNet weights) only for resnet50_mc: the c·ξ-channel
-    layers of the others have no model-zoo weights.
+    ``pretrained`` (ImageNet weights: True, the model store's; a path, that
+    file) only for resnet50_mc / resnet50_v1_mc: the c·ξ-channel layers of the
+    others have no model-zoo weights.
     """
     num_classes = check_num_classes(num_classes, "mcloss")
     if backbone not in BACKBONES:
         raise ValueError("backbone: expected one of %s for mcloss, got %r"
                          % (", ".join(BACKBONES), backbone))
-    if pretrained and backbone != "resnet50_mc":
+    if pretrained and backbone not in RESNET50_ZOO_NAMES:
         raise ValueError("pretrained: the MC-Loss networks are trained from scratch as upstream "
                          "(%s: their c*xi-channel layers have no model-zoo weights; only resnet50_mc "
-                         "loads ImageNet weights), got backbone %r" % (", ".join(sorted(_NETWORKS)), backbone))
+                         "and resnet50_v1_mc load ImageNet weights), got backbone %r" % (", ".join(sorted(_NETWORKS)), backbone))
     image_size = check_int(image_size, "image_size", minimum=MIN_IMAGE_SIZE, owner=backbone)
     if not width > 0:
         raise ValueError("width: expected a positive width multiplier, got %r" % (width,))
     weights = LOSS_WEIGHTS[backbone]
     alpha = weights[0] if alpha is None else alpha
     beta = weights[1] if beta is None else beta
-    if backbone == "resnet50_mc":
+    if backbone in RESNET50_ZOO_NAMES:
         if xi is not None:
             raise ValueError("xi: resnet50_mc splits its ResNet-50 channels into near-equal per-class "
                              "groups (no MC layer); xi cannot be set, got %r" % (xi,))
-        net, groups = resnet50_mc(num_classes, width, pretrained, ctx=ctx)
+        net, groups = resnet50_mc(num_classes, width, pretrained, ctx=ctx,
+                                  zoo_name=RESNET50_ZOO_NAMES[backbone])
         if keep is None:
             keep = tuple(resnet50_keep(size) for _, size in groups)
         block = MCLoss(num_classes, groups, alpha=alpha, beta=beta, keep=keep, seed=seed)
@@ -707,6 +742,6 @@ register_method(
     demo=dict(backbone="resnet18_mc", width=0.25, image_size=32, lr=0.05),
     pretrained=False,
     backbones=BACKBONES,
-    backbone_recipes={"resnet50_mc": RESNET50_RUN},
+    backbone_recipes={"resnet50_mc": RESNET50_RUN, "resnet50_v1_mc": RESNET50_V1_RUN},
     summary="Mutual-Channel loss (TIP 2020): CE + alpha L_dis + beta L_div on c*xi-channel features "
             "(resnet50_mc: ImageNet ResNet-50, its 2048 channels in per-class groups)")

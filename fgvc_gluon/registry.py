@@ -52,7 +52,10 @@ def _builder(build_method, knobs):
             value = getattr(model_config, field)
             if value is not None:
                 kwargs[field] = value
-        task = build_method(len(label_names), pretrained=bool(model_config.pretrained), ctx=ctx,
+        # False, True (the model store's ImageNet weights) or a weights file (training_runtime.pretrained)
+        pretrained = model_config.pretrained if isinstance(model_config.pretrained, str) \
+            else bool(model_config.pretrained)
+        task = build_method(len(label_names), pretrained=pretrained, ctx=ctx,
                             **kwargs)
         task.class_names = tuple(label_names)  # the pictures name the classes
         return task

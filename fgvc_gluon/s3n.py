@@ -100,8 +100,9 @@ SAMPLER_IMPLS = ("auto", "native", "mxnet")
 MODES = (0, 1, 2)
 #: the backbones S3N accepts: the model-zoo ResNets (their last stage gives the N×F×h×w maps)
 BACKBONES = RESNET_BACKBONES
-#: upstream settings (Yao-DD/S3N demo/cub_s3n.yml) as run-definition fields
-RECIPE = dict(backbone="resnet50_v1", image_size=448, lr=0.001, momentum=0.9, wd=1e-4, batch_size=16,
+#: upstream settings (Yao-DD/S3N demo/cub_s3n.yml) as run-definition fields; the backbone is
+#: torchvision's ResNet-50 layout (GluonCV's resnet50_v1b; Gluon's resnet50_v1 is selectable)
+RECIPE = dict(backbone="resnet50_v1b", image_size=448, lr=0.001, momentum=0.9, wd=1e-4, batch_size=16,
               epochs=60, schedule="step", lr_steps=[39], lr_factor=0.1)
 
 __all__ = ["make_gaussian", "gaussian_kernel", "mean_threshold", "find_peaks", "create_grid", "generate_map",
@@ -647,7 +648,7 @@ class S3N(gluon.HybridBlock):
     contexts the network will run on, default cpu) into ``self.sampler_impl``.
     """
 
-    def __init__(self, num_classes, backbone="resnet50_v1", pretrained=False, image_size=448,
+    def __init__(self, num_classes, backbone=RECIPE["backbone"], pretrained=False, image_size=448,
                  radius=0.09, radius_inv=0.3, base_ratio=0.09, num_features=None, resize_impl="matmul",
                  sampler_impl="auto", ctx=None, **kwargs):
         super(S3N, self).__init__(**kwargs)

@@ -1,33 +1,83 @@
-"""Gluon model-zoo backbones: the one place that names and builds them.
+"""Model-zoo backbones: the one place that names and builds them, with their ImageNet weights.
 
-- :data:`BACKBONES`: the model-zoo networks whose ``features`` end in a pooled
-  (or fully connected) vector, N×3×S×S -> N×F (baseline, center loss);
-  :data:`RESNET_BACKBONES` the ResNets among them (S3N needs the N×F×h×w
-  maps of the last stage).
-- :func:`model_zoo_network`: a model-zoo network by name; ValueError for an
-  unknown name, UserError when ImageNet weights cannot be loaded (a file or
-  network problem of the environment, worded for the command line: "--pretrained:
-  ... put them in ~/.mxnet/models").
+- :data:`ZOO`: every model-zoo network a method may use, by name: MXNet Gluon's
+  (``mxnet.gluon.model_zoo.vision``: ``resnet*_v1`` / ``_v2``, DenseNets, VGGs,
+  MobileNets, Inception v3, AlexNet) and GluonCV's ``resnet*_v1b`` (torchvision's
+  ResNet layout: a downsampling bottleneck has its stride in the 3×3 conv, where
+  Gluon's ``resnet*_v1`` has it in the first 1×1 conv; the same shapes everywhere).
+  :data:`BACKBONES` their names; :data:`RESNET_BACKBONES` the ResNets (S3N needs
+  the N×F×h×w maps of the last stage).
+- :func:`model_zoo_network`: a model-zoo network by name, seen in MXNet's layout:
+  ``features`` (N×3×S×S -> N×F pooled vector) then ``output`` (N×F -> N×1000);
+  ImageNet weights with ``pretrained`` (True: the model store, a path: that file,
+  checked by :func:`training_runtime.pretrained.load_weights`). ValueError for an
+  unknown name, UserError when the weights cannot be found or do not fit.
 - :func:`initialize_new_layers`, :func:`classifier_network`: new layers on a
   (pretrained or not) network, initialised with :data:`NEW_LAYER_INIT`.
 """
 import mxnet as mx
-from mxnet.gluon import nn
+from mxnet.gluon import HybridBlock, nn
 from mxnet.gluon.model_zoo import vision
 
-from training_runtime.errors import UserError
+from training_runtime import pretrained as imagenet
+from training_runtime.registry import Registry
 
-__all__ = ["BACKBONES", "RESNET_BACKBONES", "NEW_LAYER_INIT", "model_zoo_network",
-           "initialize_new_layers", "classifier_network", "check_backbone"]
+__all__ = ["ZOO", "BACKBONES", "RESNET_BACKBONES", "NEW_LAYER_INIT", "ZooEntry", "model_zoo_network",
+           "initialize_new_layers", "classifier_network", "check_backbone", "features_without_pool"]
+
+
+class ZooEntry(object):
+    """A model-zoo network: its ``name``, its ``store`` ('mxnet' or 'gluoncv': whose model store
+    holds its weights) and ``make()`` -> the uninitialised network in the layout of its weight
+    files; ``as_features_output(net)`` -> the same blocks as ``features`` + ``output``."""
+
+    def __init__(self, name, store, make, as_features_output=None):
+        self.name, self.store, self.make = name, store, make
+        self.as_features_output = as_features_output or (lambda net: net)
+
+
+class ResNetV1bLayout(HybridBlock):
+    """GluonCV's ResNetV1b (torchvision's layout) seen as MXNet's model zoo: ``features`` (its
+    conv1 ... layer4, global pool, flatten: N×3×S×S -> N×F) then ``output`` (its ``fc``: N×F ->
+    N×1000). The blocks (and their Parameters) are the ResNetV1b's own."""
+
+    def __init__(self, zoo, **kwargs):
+        super(ResNetV1bLayout, self).__init__(prefix=zoo.prefix, **kwargs)
+        with self.name_scope():
+            self.features = nn.HybridSequential(prefix="")
+            self.features.add(zoo.conv1, zoo.bn1, zoo.relu, zoo.maxpool, zoo.layer1, zoo.layer2,
+                              zoo.layer3, zoo.layer4, zoo.avgpool, zoo.flat)
+            self.output = zoo.fc
+
+    def hybrid_forward(self, F, x):
+        return self.output(self.features(x))
+
+
+def _vision(name):
+    return lambda: vision.get_model(name)
+
+
+def _gluoncv_v1b(depth):
+    def make():
+        from gluoncv.model_zoo import resnetv1b   # imported on use: GluonCV's import is not free
+        return getattr(resnetv1b, "resnet%d_v1b" % depth)()
+    return make
+
+
+#: the model-zoo networks, by name (registered below)
+ZOO = Registry("model-zoo backbone")
+for _name in (["resnet%d_v%d" % (depth, version) for version in (1, 2) for depth in (18, 34, 50, 101, 152)]
+              + ["densenet%d" % depth for depth in (121, 161, 169, 201)]
+              + ["vgg%d%s" % (depth, bn) for depth in (11, 13, 16, 19) for bn in ("", "_bn")]
+              + ["mobilenet%s" % m for m in ("0.25", "0.5", "0.75", "1.0")]
+              + ["mobilenetv2_%s" % m for m in ("0.25", "0.5", "0.75", "1.0")]
+              + ["inceptionv3", "alexnet"]):
+    ZOO.register(ZooEntry(_name, "mxnet", _vision(_name)))
+for _depth in (18, 34, 50, 101, 152):
+    ZOO.register(ZooEntry("resnet%d_v1b" % _depth, "gluoncv", _gluoncv_v1b(_depth), ResNetV1bLayout))
 
 #: model-zoo networks whose ``features`` end in a pooled (or fully connected) vector
-BACKBONES = tuple(
-    ["resnet%d_v%d" % (depth, version) for version in (1, 2) for depth in (18, 34, 50, 101, 152)]
-    + ["densenet%d" % depth for depth in (121, 161, 169, 201)]
-    + ["vgg%d%s" % (depth, bn) for depth in (11, 13, 16, 19) for bn in ("", "_bn")]
-    + ["mobilenet%s" % m for m in ("0.25", "0.5", "0.75", "1.0")]
-    + ["mobilenetv2_%s" % m for m in ("0.25", "0.5", "0.75", "1.0")]
-    + ["inceptionv3", "alexnet"])
+BACKBONES = ZOO.names()
 #: the ResNets of :data:`BACKBONES`
 RESNET_BACKBONES = tuple(name for name in BACKBONES if name.startswith("resnet"))
 #: initialiser of every new layer (and of a backbone trained from scratch)
@@ -43,21 +93,19 @@ def check_backbone(backbone, choices, owner=None):
 
 
 def model_zoo_network(backbone, pretrained=False):
-    """Gluon model-zoo network ``backbone`` (ImageNet weights if ``pretrained``),
-    not initialised unless pretrained.
+    """Model-zoo network ``backbone`` as ``features`` + ``output`` (see the module docstring).
 
-    ValueError for a name outside :data:`BACKBONES`; UserError when the
-    weights cannot be downloaded or read.
+    pretrained: False (not initialised), True (the model store's ImageNet weights) or the
+    path of a ``.params`` file in the model zoo's layout; the weights are loaded on the cpu.
+    ValueError for a name outside :data:`BACKBONES`; UserError when the weights cannot be
+    downloaded, read or do not fit the network.
     """
     check_backbone(backbone, BACKBONES)
-    try:
-        return vision.get_model(backbone, pretrained=pretrained)
-    except Exception as err:  # a download failure surfaces as many error types
-        if not pretrained:
-            raise
-        raise UserError("--pretrained: could not load the model-zoo weights of %s (%s: %s); "
-                        "put them in ~/.mxnet/models or train without --pretrained"
-                        % (backbone, type(err).__name__, str(err).splitlines()[0] if str(err) else ""))
+    entry = ZOO.get(backbone)
+    net = entry.make()
+    if pretrained:
+        imagenet.load_weights(net, backbone, pretrained, entry.store)
+    return entry.as_features_output(net)
 
 
 def features_without_pool(network):
@@ -77,9 +125,10 @@ def initialize_new_layers(net, new_layers, pretrained, ctx=None):
     (a context or a list; default cpu)."""
     ctx = ctx or mx.cpu()
     if pretrained:
-        net.collect_params().reset_ctx(ctx)
         for layer in new_layers:
             layer.initialize(NEW_LAYER_INIT, ctx=ctx)
+        # after the new layers: reset_ctx refuses a Parameter that is not initialised
+        net.collect_params().reset_ctx(ctx)
     else:
         net.initialize(NEW_LAYER_INIT, ctx=ctx)
 

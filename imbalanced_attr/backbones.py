@@ -8,8 +8,8 @@ the model-zoo net's own children, split where the taps are:
 ============  ===============================  ================================
 family        tap2 / tap3 / tap4               original's internal names
 ============  ===============================  ================================
-resnet*_v1    output of unit k of stage 3 /    ``stage3_activation19`` (k = 20
-              end of stage 3 / end of stage 4  for ResNet-101), ``stage3_
+resnet*_v1,   output of unit k of stage 3 /    ``stage3_activation19`` (k = 20
+resnet*_v1b   end of stage 3 / end of stage 4  for ResNet-101), ``stage3_
                                                activation22``, ``stage4_
                                                activation2``
 densenet201   transition-3 conv (before its    ``conv3`` (``conv3_fwd``),
@@ -17,6 +17,10 @@ densenet201   transition-3 conv (before its    ``conv3`` (``conv3_fwd``),
               dense layer 16 of block 4 /      the original's DenseNet had
               final BN+ReLU of the features    only two taps)
 ============  ===============================  ================================
+
+``resnet*_v1b`` are GluonCV's ResNets in torchvision's layout (the stride of a
+downsampling bottleneck in its 3×3 conv, not its first 1×1): the same units
+per stage, so the same taps and shapes (the original used ``resnet101_v1``).
 
 Logits are a NEW ``Dense(C)`` (Xavier gaussian, factor "in", magnitude 2) on
 the globally average-pooled last features, in place of the 1000-way output;
@@ -27,8 +31,9 @@ zoo prefix (``resnetv1N_…`` / ``densenetN_…``); ``TapBackbone.zoo_prefix``
 records it so that ``params_io`` can write the original's names.
 
 Errors: an unknown backbone name, a bad ``num_classes`` or ``input_size``
-raise ValueError / TypeError naming the argument; only a failed download of
-the ImageNet weights (the environment) is a UserError.
+raise ValueError / TypeError naming the argument; ImageNet weights that cannot
+be downloaded, or a ``--pretrained FILE`` that does not fit the network, are a
+UserError (``training_runtime.pretrained``).
 """
 import functools
 
@@ -37,7 +42,7 @@ from mxnet.base import MXNetError
 from mxnet.gluon import HybridBlock, nn
 from mxnet.gluon.model_zoo import vision
 
-from training_runtime.errors import UserError
+from training_runtime import pretrained as imagenet
 from training_runtime.registry import Registry
 
 # Xavier(gaussian, "in", 2): the initialiser of every new layer in the original.
@@ -52,6 +57,8 @@ RESNET_TAP2_UNITS = {
     "resnet50_v1": 5,
     "resnet101_v1": 20,
 }
+# GluonCV's torchvision-layout ResNets: the same units per stage, so the same taps
+RESNET_V1B_TAP2_UNITS = {name + "b": units for name, units in RESNET_TAP2_UNITS.items()}
 # DenseNet: tap3 = output of this many dense layers of block 4 (the
 # original's ``stage4_concat15`` is the concat closing layer 16).
 DENSENET_TAP3_LAYERS = {"densenet201": 16}
@@ -60,10 +67,13 @@ DENSENET_TAP3_LAYERS = {"densenet201": 16}
 
 class TapBackboneEntry(object):
     """A registered tap backbone: its model-zoo ``name``, its ``family`` ('resnet' or
-    'densenet': the original's file stem) and ``split(zoo)`` -> the three tap parts."""
+    'densenet': the original's file stem), ``split(zoo)`` -> the three tap parts,
+    ``make(prefix=None)`` -> the uninitialised zoo network (the layout of its weight
+    files) and ``store`` ('mxnet' or 'gluoncv': whose model store has its ImageNet weights)."""
 
-    def __init__(self, name, family, split):
-        self.name, self.family, self.split = name, family, split
+    def __init__(self, name, family, split, make=None, store="mxnet"):
+        self.name, self.family, self.split, self.store = name, family, split, store
+        self.make = make or functools.partial(vision.get_model, name)
 
 
 #: the tap backbones, by model-zoo name (registered below)
@@ -148,8 +158,26 @@ def _densenet_parts(zoo, tap3_layers):
     return to_tap2, to_tap3, to_tap4
 
 
+def _resnet_v1b_parts(zoo, tap2_units):
+    """Split a GluonCV ResNetV1b: [conv1, bn1, relu, maxpool, layer1..4, avgpool, flat, fc]."""
+    stage3_units = _children(zoo.layer3)
+    assert 0 < tap2_units < len(stage3_units)
+    to_tap2 = _sequence([zoo.conv1, zoo.bn1, zoo.relu, zoo.maxpool, zoo.layer1, zoo.layer2]
+                        + stage3_units[:tap2_units])
+    return to_tap2, _sequence(stage3_units[tap2_units:]), zoo.layer4
+
+
+def _make_v1b(name, prefix=None):
+    """GluonCV's ``name`` (its parameters are always prefixed ``resnetv1b_``)."""
+    from gluoncv.model_zoo import resnetv1b  # imported on use
+    return getattr(resnetv1b, name)()
+
+
 for _name, _units in sorted(RESNET_TAP2_UNITS.items()):
     TAP_BACKBONES.register(TapBackboneEntry(_name, "resnet", functools.partial(_resnet_parts, tap2_units=_units)))
+for _name, _units in sorted(RESNET_V1B_TAP2_UNITS.items()):
+    TAP_BACKBONES.register(TapBackboneEntry(_name, "resnet", functools.partial(_resnet_v1b_parts, tap2_units=_units),
+                                            make=functools.partial(_make_v1b, _name), store="gluoncv"))
 for _name, _layers in sorted(DENSENET_TAP3_LAYERS.items()):
     TAP_BACKBONES.register(TapBackboneEntry(_name, "densenet",
                                             functools.partial(_densenet_parts, tap3_layers=_layers)))
@@ -194,10 +222,12 @@ def _check_positive_int(value, name):
 def get_backbone(name, num_classes, pretrained=False, ctx=None):
     """Build the tap backbone ``name`` (one of ``BACKBONES``), initialised on ``ctx``.
 
-    pretrained=True loads the model zoo's ImageNet weights (needs them
-    downloadable or cached in ~/.mxnet/models); otherwise the zoo layers are
-    initialised Xavier(gaussian, "in", 2) like the new layers. The new output
-    layer is always initialised Xavier(gaussian, "in", 2).
+    pretrained: True loads the model store's ImageNet weights (cached in
+    $MXNET_HOME/models, default ~/.mxnet/models, or downloadable), a path loads
+    that ``.params`` file of the model zoo's layout (checked names and shapes,
+    :func:`training_runtime.pretrained.load_weights`; a UserError otherwise);
+    False: the zoo layers are initialised Xavier(gaussian, "in", 2) like the
+    new layers. The new output layer is always initialised Xavier(gaussian, "in", 2).
     """
     if name not in TAP_BACKBONES:
         raise ValueError("backbone: unknown backbone %r, expected one of %s"
@@ -205,15 +235,9 @@ def get_backbone(name, num_classes, pretrained=False, ctx=None):
     entry = TAP_BACKBONES.get(name)
     _check_positive_int(num_classes, "num_classes")
     contexts = _as_context_list(ctx)
-    try:
-        zoo = vision.get_model(name, pretrained=pretrained, ctx=contexts)
-    except Exception as err:  # download / checksum / file errors of the model store
-        if not pretrained:
-            raise
-        raise UserError("pretrained: could not get the model zoo's ImageNet weights for %s (%s: %s); "
-                        "expected them cached in $MXNET_HOME/models (default ~/.mxnet/models) or "
-                        "downloadable, or run without pretrained weights"
-                        % (name, type(err).__name__, str(err).splitlines()[0] if str(err) else ""))
+    zoo = entry.make()
+    if pretrained:
+        imagenet.load_weights(zoo, name, pretrained, entry.store, ctx=contexts)
     backbone = TapBackbone(entry.family, *entry.split(zoo), num_classes=num_classes,
                            zoo_prefix=zoo.prefix)
     # channel counts do not depend on the spatial size: any valid size will do

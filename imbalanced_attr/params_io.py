@@ -53,7 +53,6 @@ import mxnet as mx
 import numpy as np
 from mxnet.base import MXNetError
 from mxnet.gluon import nn
-from mxnet.gluon.model_zoo import vision
 
 from training_runtime.checkpoint import replaced_atomically
 from training_runtime.errors import UserError
@@ -104,7 +103,7 @@ def _zoo_structural_layout(backbone):
     for entry in (TAP_BACKBONES.get(name) for name in TAP_BACKBONES.names()):
         if entry.family != backbone.family:
             continue
-        zoo = vision.get_model(entry.name, prefix=backbone.zoo_prefix)  # parameters are not allocated
+        zoo = entry.make(prefix=backbone.zoo_prefix)  # parameters are not allocated
         structural = zoo._collect_params_with_prefix()
         features = OrderedDict((k, p) for k, p in structural.items() if not k.startswith("output."))
         if set(p.name for p in features.values()) != zoo_names:

@@ -156,7 +156,9 @@ class AttributeTask(TrainingTask):
         self.history_weight_epoch = int(options.get("history_weight_epoch", 5))
         self.ctx = ctx
         self.net = AttributeModel(len(self.attribute_names), backbone=model.backbone,
-                                  input_size=self.image_size, pretrained=bool(model.pretrained), ctx=ctx)
+                                  input_size=self.image_size,
+                                  pretrained=model.pretrained if isinstance(model.pretrained, str)
+                                  else bool(model.pretrained), ctx=ctx)
         if self.finetune:
             self.net.backbone.collect_params().setattr("grad_req", "null")
         self.history = None

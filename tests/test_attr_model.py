@@ -208,8 +208,8 @@ def test_unavailable_pretrained_weights_raise_a_user_error(monkeypatch):
         raise OSError("Failed to resolve 'apache-mxnet.s3-accelerate.dualstack.amazonaws.com'")
 
     monkeypatch.setattr(model_store, "get_model_file", offline)
-    with pytest.raises(UserError, match=r"pretrained: could not get the model zoo's ImageNet weights "
-                                        r"for resnet18_v1 \(OSError: Failed to resolve"):
+    with pytest.raises(UserError, match=r"--pretrained: could not load the model-zoo weights "
+                                        r"of resnet18_v1 \(OSError: Failed to resolve"):
         get_backbone("resnet18_v1", 3, pretrained=True)
 
 

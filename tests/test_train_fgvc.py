@@ -168,7 +168,7 @@ def test_defaults_are_the_methods_upstream_recipes_and_the_demos():
     run = resolve(FAMILY, {"method": "s3n", "data_dir": "/data/cub"})
     assert (run.data.dataset, run.model.pretrained, run.data.train_split, run.data.val_split) == (
         "cub", True, "train", "test")
-    assert (run.model.backbone, run.model.image_size) == ("resnet50_v1", 448)
+    assert (run.model.backbone, run.model.image_size) == ("resnet50_v1b", 448)
     assert run.model.options == {"radius": 0.09, "radius_inv": 0.3, "base_ratio": 0.09, "smooth_ratio": 0.85,
                                  "sampler_impl": "auto"}
     assert (run.optim.lr, run.optim.epochs, run.optim.lr_steps, run.optim.schedule) == (0.001, 60, [39], "step")

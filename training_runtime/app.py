@@ -52,6 +52,8 @@ def recipes_text(family):
         for backbone, values in sorted(getattr(entry, "backbone_recipes", {}).items()):
             lines.append("    upstream with --backbone %s: " % backbone
                          + ", ".join("%s=%s" % kv for kv in sorted(values.items()) if kv[0] != "backbone"))
+        if entry.backbones:
+            lines.append("    backbones: " + ", ".join(entry.backbones))
         if entry.knobs:
             lines.append("    knobs:    " + ", ".join("%s=%s" % (k.name, k.default) for k in entry.knobs))
         if entry.demo:
@@ -147,9 +149,11 @@ def check_same_labels(names, dataset, what):
 
 def build_task(family, config, names, ctx, pretrained):
     """The task of ``config`` for labels ``names`` on ``ctx``: BatchNorm mode applied,
-    every block hybridized. A method's ValueError becomes a UserError naming it."""
+    every block hybridized. A method's ValueError becomes a UserError naming it.
+    pretrained: False, True (the model store's ImageNet weights) or a weights file."""
     entry = family.methods.get(config.model.method)
-    model = run_config.dataclasses.replace(config.model, pretrained=bool(pretrained))
+    pretrained = pretrained if isinstance(pretrained, str) else bool(pretrained)
+    model = run_config.dataclasses.replace(config.model, pretrained=pretrained)
     if model.backbone not in entry.backbones and entry.backbones:
         raise UserError("--backbone: expected one of %s for %s, got %r"
                         % (", ".join(entry.backbones), entry.name, model.backbone))
@@ -255,7 +259,7 @@ def run_training(family, args, given, argv, callbacks=()):
         check_resumed_data(record, train_set, resume_file, data)
     # built before the run directory: a refused combination (e.g. S3N with --batchnorm sync)
     # writes nothing
-    task = build_task(family, config, names, ctx, config.model.pretrained and not resume_file)
+    task = build_task(family, config, names, ctx, False if resume_file else config.model.pretrained)
     if rank == 0:
         save_dir = cli.prepare_save_dir(args, family.script, config.to_dict(),
                                         list(sys.argv[1:] if argv is None else argv))

@@ -24,9 +24,10 @@ its key in the recipes.
 import argparse
 import dataclasses
 import math
+import os
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Union
 
 from .errors import UserError
 from .records import packed_dataset_name
@@ -56,8 +57,13 @@ class ModelConfig:
     image_size: Optional[int] = _field(None, "network input side in pixels (default: the method's; "
                                              "a method may derive it from the backbone)", positive=True,
                                        aliases=("--input-size",))
-    pretrained: Optional[bool] = _field(None, "load ImageNet weights into the backbone "
-                                              "(default: as upstream; never for the demo)")
+    #: True: the model store's ImageNet weights; a str: the absolute path of a .params file in the
+    #: model zoo's layout (training_runtime.pretrained); False / None: none
+    pretrained: Optional[Union[bool, str]] = _field(
+        None, "load ImageNet weights into the backbone: --pretrained alone = the model store's "
+              "($MXNET_HOME/models, default ~/.mxnet/models; downloaded if absent), --pretrained FILE "
+              "= that .params file of the model zoo's layout (offline machines; checked names and "
+              "shapes); default: as upstream; never for the demo (docs/PRETRAINED.md)")
     #: the method's knobs by name (typed by its registered Knob specs)
     options: Dict[str, Any] = field(default_factory=dict)
 
@@ -244,8 +250,8 @@ def add_arguments(parser, family, method_flag=True):
                                % (meta["help"], family.default_dataset))
             continue
         if f.name == "pretrained":
-            group.add_argument("--pretrained", dest="pretrained", action="store_true",
-                               default=argparse.SUPPRESS, help=meta["help"])
+            group.add_argument("--pretrained", dest="pretrained", nargs="?", const=True, metavar="FILE",
+                               type=pretrained_file_arg, default=argparse.SUPPRESS, help=meta["help"])
             group.add_argument("--no-pretrained", dest="pretrained", action="store_false",
                                default=argparse.SUPPRESS, help="train the backbone from scratch")
             continue
@@ -287,6 +293,14 @@ def _add_knob_arguments(parser, family):
             group.add_argument(knob.flag, dest=name, type=knob.type, choices=knob.choices,
                                default=argparse.SUPPRESS, help=help_text,
                                metavar=None if knob.choices else _metavar(name, knob.type))
+
+
+def pretrained_file_arg(text):
+    """``--pretrained FILE``: the file's absolute path (the run definition does not depend on the
+    directory a run, a resume or a test is started from; existence is checked when it is loaded)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected the path of a .params file, got an empty string")
+    return os.path.abspath(os.path.expanduser(text))
 
 
 def knob_names(family):
