@@ -131,3 +131,88 @@ def test_doctor_quick_passes_on_this_cpu_machine():
         assert any(line[6:].startswith(item) for line in text.splitlines()), (item, text)
     assert "none (a CPU build)" in text
     assert text.splitlines()[-1].startswith("ready: ")
+
+
+# ---------------------------------------------------------------------------- scripts/gpu_acceptance.py
+
+@pytest.fixture(scope="module")
+def acceptance():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("gpu_acceptance", os.path.join(ROOT, "scripts", "gpu_acceptance.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_acceptance_comparisons_against_numpy(acceptance):
+    import numpy as np
+    rng = np.random.RandomState(0)
+    b = {"param/net/w": rng.randn(3, 4).astype(np.float32), "param/net/b": rng.randn(4).astype(np.float32)}
+    a = {k: v + np.float32(0.01) * rng.randn(*v.shape).astype(np.float32) for k, v in b.items()}
+    flat_a = np.concatenate([a[k].ravel() for k in sorted(a)]).astype(np.float64)
+    flat_b = np.concatenate([b[k].ravel() for k in sorted(b)]).astype(np.float64)
+    assert acceptance.relative_l2(a, b) == pytest.approx(np.linalg.norm(flat_a - flat_b) / np.linalg.norm(flat_b))
+    assert acceptance.relative_l2(b, b) == 0.0
+    with pytest.raises(ValueError, match="param/net/x"):
+        acceptance.relative_l2(dict(a, **{"param/net/x": b["param/net/b"]}), b)
+    # --test's report against test.json (which adds the epoch): only its own keys count
+    run = {"top1": 0.5, "images": 32, "epoch": 0, "per_branch": {"raw": 0.25}}
+    assert acceptance.largest_report_difference({"top1": 0.5, "images": 32, "per_branch": {"raw": 0.25}}, run) \
+        == ("", 0.0)
+    assert acceptance.largest_report_difference({"top1": 0.53125, "per_branch": {"raw": 0.25}}, run) \
+        == ("top1", pytest.approx(0.03125))
+    assert acceptance.largest_report_difference({"top1": 0.5, "mAP": 0.7}, run) == ("mAP", float("inf"))
+    assert acceptance.largest_report_difference({"top1": float("nan")}, run) == ("top1", float("inf"))
+    # centres: a displacement 2^16 times too small (the loss scale forgotten) is caught
+    c0 = rng.randn(10, 2)
+    step = rng.randn(10, 2)
+    ratio, cosine = acceptance.centre_movement(c0 + 1.1 * step, c0 + step, c0)
+    assert ratio == pytest.approx(1.1) and cosine == pytest.approx(1.0)
+    ratio, _ = acceptance.centre_movement(c0 + step / 65536.0, c0 + step, c0)
+    assert acceptance.judge([(ratio, acceptance.TOLERANCE["centre_ratio"])]) == acceptance.FAIL
+    assert acceptance.judge([(1e-4, 1e-3), (1.0, (0.8, 1.25))]) == acceptance.PASS
+    assert acceptance.judge([(float("nan"), 1e-3)]) == acceptance.FAIL
+    assert acceptance.judge([(2e-3, 1e-3)]) == acceptance.FAIL
+
+
+def test_acceptance_report_files_are_complete(acceptance, tmp_path):
+    report = acceptance.Report({"time": "2026-12-07T12:00:00", "mode": "cpu stand-in"}, log=lambda *a: None)
+    report.add("parity", "baseline", acceptance.PASS, "params 0.00e+00 (<= 0.02)", {"params": 0.0}, 3.21)
+    report.add("amp", "baseline", acceptance.SKIP, "skipped: needs a GPU (float16 kernels)")
+    report.add("test", "s3n", acceptance.FAIL, "--test: exit 2: error: ...")
+    json_path, text_path = report.write(str(tmp_path / "out"))
+    assert sorted(os.listdir(str(tmp_path / "out"))) == ["acceptance.json", "acceptance.txt"]  # no temporaries
+    data = json.load(open(json_path))
+    assert [(r["check"], r["method"], r["status"]) for r in data["results"]] == [
+        ("parity", "baseline", "pass"), ("amp", "baseline", "skip"), ("test", "s3n", "FAIL")]
+    assert data["results"][0]["seconds"] == 3.2 and data["tolerance"]["params"] == 2e-2
+    text = open(text_path).read().splitlines()
+    assert text[-1] == "3 check(s): 1 passed, 1 failed, 1 skipped"
+    assert "skip  amp     baseline    skipped: needs a GPU (float16 kernels)" in text
+
+
+def test_acceptance_refuses_bad_arguments_before_any_run(acceptance, capsys):
+    for argv, expected in ((["--cpu-stand-in", "--checks", "parity,speedy"], "--checks: expected some of"),
+                           (["--cpu-stand-in", "--methods", "nope"], "--methods: expected some of"),
+                           ([], "--gpus: MXNet sees no GPU here (a CPU build)")):
+        with pytest.raises(SystemExit) as stop:
+            acceptance.main(argv)
+        assert stop.value.code == 2 and expected in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_acceptance_cpu_stand_in_end_to_end(tmp_path):
+    """The script as CI runs it: one method, parity (two real runs) and the GPU-only checks'
+    skip lines; exit 0 and both report files."""
+    out = tmp_path / "report"
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "gpu_acceptance.py"), "--cpu-stand-in",
+                           "--methods", "centerloss", "--checks", "parity,amp,sync", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300, cwd=str(tmp_path),
+                          env=dict(os.environ, PYTHONPATH=ROOT))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    data = json.load(open(str(out / "acceptance.json")))
+    statuses = {(r["check"], r["status"]) for r in data["results"]}
+    assert statuses == {("parity", "pass"), ("amp", "skip"), ("sync", "skip")}
+    parity = [r for r in data["results"] if r["check"] == "parity"][0]
+    assert parity["measured"] == {"loss_step1": 0.0, "loss_mean": 0.0, "params": 0.0}  # cpu(0) twice: equal
+    assert "skipped: needs a GPU" in open(str(out / "acceptance.txt")).read()
