@@ -15,8 +15,10 @@ test     ``--test RUN`` of the GPU run equals the run's own final test (test.jso
          number within 1e-6 (the same checkpoint, split and code).
 resume   each method on two GPUs for 20 steps, and on two GPUs for 10 steps then
          ``--resume`` on one GPU to step 20, both ``--batchnorm frozen`` (exact across device
-         splits): the parameters within 1e-4 (relative L2; only summation order differs) and
-         the resumed run at step 20.
+         splits; at a tenth of the demo lr and with ``--stable-sigmoid`` where a method has
+         it, so that the untrained networks do not diverge without batch statistics): the
+         parameters within 1e-4 (relative L2; only the summation order differs) and the
+         resumed run at step 20.
 amp      each method with ``--amp`` (20 steps on gpu 0): exits 0 with finite losses; every
          stored parameter float32; ``--test RUN`` equals the run's final test (1e-6); the mean
          loss within 5e-2 of the float32 GPU run (float16 network only). Centre loss: the
@@ -26,8 +28,9 @@ amp      each method with ``--amp`` (20 steps on gpu 0): exits 0 with finite los
 sync     each method with ``--gpus 0,1 --batchnorm sync`` (20 steps) exits 0 within the time
          limit, or is refused up front with a one-line error (S3N: its backbone runs three
          times per forward).
-speed    samples/s (median of steps 6-20, batch 32 over gpu 0 and 1) of the attribute step
-         and of S3N with ``--kvstore device`` and ``local``: measured, not judged.
+speed    samples/s (median of steps 6-20, batch 32 over gpu 0 and 1, TF32 as the GPU's
+         default) of the attribute step and of S3N with ``--kvstore device`` and ``local``:
+         measured, not judged.
 
 Without GPUs, ``--cpu-stand-in`` runs the parts that need none with cpu(0) / cpu(0), cpu(1)
 in place of gpu(0) / gpu(0), gpu(1) (so parity compares the CPU with itself: it checks the
@@ -173,6 +176,7 @@ class Runner(object):
         else:
             self.one, self.two = ["--gpus", gpu_ids[0]], ["--gpus", ",".join(gpu_ids[:2])]
         self.cpu = ["--cpus", "1"]
+        # float32 convolutions and products as on the CPU (Ampere+ would use TF32 for them)
         self.env = dict(os.environ, NVIDIA_TF32_OVERRIDE="0")
         self.families = registry.families()
 
@@ -192,24 +196,26 @@ class Runner(object):
             "--batch-size", str(batch), "--epochs", "1", "--max-steps", str(steps), "--seed", "1",
             "--picture-images", "0", "--figures", "none", "--num-workers", "0", "--log-every", "1"] + extra
 
-    def _spawn(self, command, name):
+    def _spawn(self, command, name, tf32=False):
         start = time.time()
         shown = command[2:] if command[1] == "-m" else command[3:4] + command[5:]
         self.log("  run %s: %s" % (name, " ".join(shown)))
         try:
-            done = subprocess.run(command, capture_output=True, text=True, timeout=self.timeout, env=self.env)
+            env = dict(self.env) if not tf32 else {k: v for k, v in self.env.items()
+                                                    if k != "NVIDIA_TF32_OVERRIDE"}
+            done = subprocess.run(command, capture_output=True, text=True, timeout=self.timeout, env=env)
             code, stderr = done.returncode, done.stderr
         except subprocess.TimeoutExpired as stop:
             code, stderr = None, (stop.stderr or b"").decode(errors="replace") if isinstance(
                 stop.stderr, bytes) else (stop.stderr or "")
         return code, time.time() - start, stderr
 
-    def train(self, name, method, flags, steps=20, batch=BATCH, extra=()):
+    def train(self, name, method, flags, steps=20, batch=BATCH, extra=(), tf32=False):
         """A training run into OUT/runs/<name> (an earlier one is replaced)."""
         directory = os.path.join(self.out, "runs", name)
         command = self.command(method, steps, batch, list(flags) + list(extra)
                                + ["--save-dir", directory, "--overwrite"])
-        code, seconds, stderr = self._spawn(command, name)
+        code, seconds, stderr = self._spawn(command, name, tf32)
         return Run(directory, code, seconds, stderr)
 
     def resume(self, run, method, flags, steps):
@@ -304,8 +310,18 @@ def check_test(runner, report, method, gpu_runs, name="test", run=None):
                       % (diff, key or "-", TOLERANCE["test"]), {"difference": diff, "key": key}, done.seconds)
 
 
+def frozen_flags(runner, method):
+    """``--batchnorm frozen`` at a tenth of the method's demo lr: from-scratch networks with
+    BatchNorm frozen at its initial statistics diverge at the demo's lr (the attribute model,
+    MC-Loss); and ``--stable-sigmoid`` where a method has it (the attribute model's original
+    sigmoid gives log(0) on the large logits such a network makes)."""
+    entry = runner.family_of(method).methods.get(method)
+    flags = ["--batchnorm", "frozen", "--lr", "%g" % (entry.demo.get("lr", entry.recipe.get("lr", 0.01)) / 10.0)]
+    return flags + (["--stable-sigmoid"] if any(k.name == "stable_sigmoid" for k in entry.knobs) else [])
+
+
 def check_resume(runner, report, method):
-    flags = ["--batchnorm", "frozen"]
+    flags = frozen_flags(runner, method)
     whole = runner.train("%s-two" % method, method, runner.two + flags)
     part = runner.train("%s-two-resumed" % method, method, runner.two + flags, steps=10)
     if not (whole.ok and part.ok):
@@ -374,7 +390,7 @@ def check_speed(runner, report, method):
     measured = {}
     for kvstore in ("device", "local"):
         run = runner.train("%s-speed-%s" % (method, kvstore), method, runner.two + ["--kvstore", kvstore],
-                           steps=20, batch=SPEED_BATCH)
+                           steps=20, batch=SPEED_BATCH, tf32=True)
         if not run.ok:
             return report.add("speed", method, FAIL, "--kvstore %s: %s" % (kvstore, run.why()))
         rates = [r["samples_per_sec"] for r in run.losses() if r["step"] > 5]

@@ -65,7 +65,7 @@ def check_python(report):
     version = "%d.%d.%d" % sys.version_info[:3]
     if sys.version_info[:2] > (3, 11):
         report.add(FAIL, "python", "%s: MXNet 1.9.1 needs numpy < 1.24, which has no wheels past "
-                   "Python 3.11; use Python 3.8-3.11" % version)
+                   "Python 3.11; use Python 3.10 or 3.11" % version)
     else:
         report.add(OK, "python", "%s (%s)" % (version, sys.executable))
     major, minor = (int(p) for p in np.__version__.split(".")[:2])
