@@ -300,6 +300,9 @@ def main(argv=None, stream=None):
     if args.quick:
         report.add(SKIP, "training steps", "--quick")
     else:
+        runs = len(device_kinds(usable)) * sum(len(f.methods) for f in families.values())
+        print("training steps: %d run(s) of %d step(s), each its own process (up to %d s)"
+              % (runs, args.steps, args.timeout), file=report.stream, flush=True)
         workdir = tempfile.mkdtemp(prefix="doctor-")
         try:
             run_steps(report, families, usable, args.steps, args.timeout, workdir)
