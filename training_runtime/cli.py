@@ -21,7 +21,7 @@ import sys
 
 import mxnet as mx
 
-from . import checkpoint
+from . import checkpoint, gpus
 from .errors import RunInterrupted, UserError, writing
 from .loop import ARGS_FILE, CURVES_FILE, METRICS_FILE, RESUMES_FILE, TEST_FILE
 
@@ -45,6 +45,7 @@ def contexts(args):
         if mx.context.num_gpus() < max(ids) + 1:
             raise UserError("--gpus: GPU %d requested, this machine has %d GPU(s)"
                             % (max(ids), mx.context.num_gpus()))
+        gpus.check_gpus(ids)  # a GPU the installed wheel has no kernels for: refused up front
         return [mx.gpu(i) for i in ids]
     if args.cpus < 1:
         raise UserError("--cpus: expected at least 1, got %d" % args.cpus)
