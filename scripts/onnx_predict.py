@@ -70,12 +70,13 @@ def preprocess(image, inputs):
                 image = _resize(image, width * size // height, size, interpolation)
         elif step["op"] == "center_crop":
             crop_w, crop_h = int(step["width"]), int(step["height"])
-            # an image smaller than the crop: the largest crop of its aspect ratio, resized up
-            w, h = float(width), float(height)
-            if crop_h < h:
-                w, h = w * crop_h / h, crop_h
-            if crop_w < w:
-                w, h = crop_w, h * crop_w / w
+            # an image smaller than the crop: the largest crop of the crop's aspect ratio that
+            # fits (mx.image.scale_down), resized up to the crop size
+            w, h = float(crop_w), float(crop_h)
+            if height < h:
+                w, h = w * height / h, height
+            if width < w:
+                w, h = width, h * width / w
             w, h = int(w), int(h)
             x0, y0 = int((width - w) / 2), int((height - h) / 2)
             image = image[y0:y0 + h, x0:x0 + w]

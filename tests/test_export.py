@@ -9,6 +9,7 @@ Each model is a one-step run on the demo data (Fashion-MNIST, 28-32 px) made in 
 """
 import csv
 import importlib.util
+import io
 import json
 import os
 
@@ -50,6 +51,21 @@ def runs(tmp_path_factory, fashion_mnist_dir):
             save_dir = str(tmp_path_factory.mktemp("run-" + method) / "run")
             script.main(TINY + flags + ["--save-dir", save_dir])
             made[method] = save_dir
+        return made[method]
+    return get
+
+@pytest.fixture(scope="module")
+def onnx_exports(runs, tmp_path_factory):
+    """method -> (path prefix, sidecar, printed output) of its --format onnx export (made on
+    first use, shared by the parity and the onnx_predict tests)."""
+    made = {}
+
+    def get(method):
+        if method not in made:
+            prefix = str(tmp_path_factory.mktemp("onnx-" + method) / "model")
+            printed = io.StringIO()
+            made[method] = (prefix, export.export(runs(method), "onnx", prefix, out=printed),
+                            printed.getvalue())
         return made[method]
     return get
 
@@ -103,9 +119,9 @@ def random_draws_as_input(path, name="uniforms"):
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_exported_onnx_gives_the_checkpoints_predictions(runs, method, tmp_path, capsys):
-    prefix = str(tmp_path / "model")
-    info = export.main([runs(method), "--format", "onnx", "--output", prefix])
+def test_exported_onnx_gives_the_checkpoints_predictions(runs, onnx_exports, method):
+    prefix, info, printed = onnx_exports(method)
+    assert json.load(open(prefix + ".json")) == info
     assert info["onnx"]["complete"] and info["files"] == ["model.onnx"]
     # S3N samples with BilinearSampler: GridSample, opset 16; the others stay at 13
     assert info["onnx"]["opset"] == (16 if method == "s3n" else 13)
@@ -117,7 +133,7 @@ def test_exported_onnx_gives_the_checkpoints_predictions(runs, method, tmp_path,
         # epoch 0: evaluation mode 1 draws N×961 uniforms in the graph (RandomUniformLike),
         # as MXNet's graph does: with the same uniforms fed to both, the same numbers
         assert not info["deterministic"] and info["random_operators"] == ["RandomUniformLike"]
-        assert "draws random numbers" in capsys.readouterr().out
+        assert "draws random numbers" in printed
         uniforms = np.random.RandomState(5).uniform(0, 1, (len(batch), 961)).astype(np.float32)
         exported = session_of(random_draws_as_input(prefix + ".onnx")).run(
             None, {"data": batch, "uniforms": uniforms})[0]
@@ -255,18 +271,15 @@ def _onnx_predict_module():
 
 
 @pytest.mark.parametrize("method", ["baseline", "attention"])
-def test_onnx_predict_script_gives_the_predict_numbers(runs, method, tmp_path, capsys):
+def test_onnx_predict_script_gives_the_predict_numbers(runs, onnx_exports, method, tmp_path, capsys):
     """scripts/onnx_predict.py (numpy, OpenCV, onnxruntime: the sidecar's resize, crop and
     normalisation as code) gives train_*.py --predict's CSV on images of other sizes and
     aspect ratios than the network's input."""
-    prefix = str(tmp_path / "model")
-    info = export.main([runs(method), "--format", "onnx", "--output", prefix])
+    prefix, info, _ = onnx_exports(method)
     rs = np.random.RandomState(2)
     images = []
-    for i, (h, w) in enumerate([(45, 31), (26, 60), (33, 33)]):
-        # smooth images (noise would let any resize difference show as large errors)
-        image = cv2.resize(rs.randint(0, 256, (5, 6, 3)).astype(np.uint8), (w, h),
-                           interpolation=cv2.INTER_CUBIC)
+    for i, (h, w) in enumerate([(45, 31), (26, 60)]):
+        image = rs.randint(0, 256, (h, w, 3)).astype(np.uint8)  # noise: any resize error shows
         images.append(str(tmp_path / ("image%d.png" % i)))
         cv2.imwrite(images[-1], image)
     script, _ = RUNS[method]
@@ -277,4 +290,27 @@ def test_onnx_predict_script_gives_the_predict_numbers(runs, method, tmp_path, c
     rows = [list(csv.reader(open(name))) for name in (expected_csv, got_csv)]
     assert rows[0][0] == rows[1][0] == ["image"] + info["output"]["labels"]
     assert [r[0] for r in rows[0]] == [r[0] for r in rows[1]]
-    assert info["input"]["preprocess"][-1]["op"] == "center_crop" or method == "baseline"
+    assert info["input"]["preprocess"] == PREPROCESS[method]
+
+
+PREPROCESS = {  # the demo runs' evaluation transforms (imbalanced_attr / fgvc_gluon make_transform)
+    "attention": [{"op": "resize", "width": 37, "height": 37, "interpolation": "area"},
+                  {"op": "center_crop", "width": 32, "height": 32}],
+    "baseline": [{"op": "resize", "width": 43, "height": 43, "interpolation": "bilinear"},
+                 {"op": "center_crop", "width": 32, "height": 32}]}
+
+
+@pytest.mark.parametrize("resize", [None, 40, (50, 37), 20])
+def test_onnx_predict_preprocessing_is_the_evaluation_transform(resize):
+    """onnx_predict.preprocess of the sidecar's steps == fgvc_gluon's evaluation transform, for
+    every resize kind (exact size, short side, width×height pair, smaller than the crop)."""
+    from fgvc_gluon.data import make_transform
+    from fgvc_gluon.task import eval_resize_steps
+    defaults = {"image_size": 32, "resize": resize, "mean": (0.5, 0.4, 0.3), "std": (0.2, 0.3, 0.25)}
+    inputs = {"preprocess": eval_resize_steps(defaults),
+              "normalization": {"scale": 1 / 255.0, "mean": [0.5, 0.4, 0.3], "std": [0.2, 0.3, 0.25]}}
+    script = _onnx_predict_module()
+    for shape in [(45, 31, 3), (26, 61, 3)]:
+        image = np.random.RandomState(len(shape)).randint(0, 256, shape).astype(np.uint8)
+        expected = make_transform(defaults, False)(mx.nd.array(image, dtype="uint8")).asnumpy()
+        np.testing.assert_allclose(script.preprocess(image, inputs), expected, rtol=1e-6, atol=1e-6)
