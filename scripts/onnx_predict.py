@@ -4,7 +4,7 @@
 
 The reference for deploying ``python -m training_runtime.export RUN --format onnx
 --output exported/model``: it applies the sidecar's preprocessing as code and
-gives the numbers of ``train_*.py --predict`` (tests/test_onnx_s3n.py checks it):
+gives the numbers of ``train_*.py --predict`` (tests/test_export.py checks it):
 
 1. decode the image as RGB, H×W×3 uint8 (grey images replicated);
 2. the sidecar's ``input.preprocess`` steps, in order: ``resize`` to exactly
@@ -31,22 +31,20 @@ import numpy as np
 INTERPOLATION = {"bilinear": 1, "area": 3}   # OpenCV's INTER_LINEAR, INTER_AREA
 
 
-def fail(message):
-    """A one-line error naming the file or flag, then exit status 2."""
-    print("error: %s" % message, file=sys.stderr)
-    sys.exit(2)
+class InputError(ValueError):
+    """A bad file: the message names it and says what was expected."""
 
 
 def read_image(path):
-    """``path`` -> H×W×3 uint8 RGB."""
+    """``path`` -> H×W×3 uint8 RGB; InputError naming the file when it cannot be decoded."""
     import cv2
     try:
         data = np.fromfile(path, dtype=np.uint8)
     except OSError as err:
-        fail("%s: cannot read (%s)" % (path, err.strerror))
+        raise InputError("%s: cannot read (%s)" % (path, err.strerror))
     image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
     if image is None:
-        fail("%s: expected a JPEG/PNG/BMP image, the decoder could not read it" % path)
+        raise InputError("%s: expected a JPEG/PNG/BMP image, the decoder could not read it" % path)
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
@@ -91,29 +89,34 @@ def preprocess(image, inputs):
 
 
 def load(sidecar_path):
-    """(sidecar dict, onnxruntime session) of an export's ``PATH.json``."""
+    """(sidecar dict, onnxruntime session) of an export's ``PATH.json``; InputError when it
+    is not the sidecar of an ONNX export or its model file is missing."""
     import onnxruntime
     try:
         with open(sidecar_path) as f:
             info = json.load(f)
     except (OSError, ValueError) as err:
-        fail("%s: expected the JSON sidecar of an export (%s)" % (sidecar_path, err))
-    if info.get("model_format") != "onnx" or "preprocess" not in info.get("input", {}):
-        fail("%s: expected the sidecar of an --format onnx export with input.preprocess "
-             "(got model_format %r)" % (sidecar_path, info.get("model_format")))
+        raise InputError("%s: expected the JSON sidecar of an export (%s)" % (sidecar_path, err))
+    if not isinstance(info, dict) or info.get("model_format") != "onnx" \
+            or "preprocess" not in info.get("input", {}):
+        raise InputError("%s: expected the sidecar of an --format onnx export with input.preprocess"
+                         % sidecar_path)
     model = os.path.join(os.path.dirname(os.path.abspath(sidecar_path)), info["files"][0])
+    if not os.path.isfile(model):
+        raise InputError("%s: its model %s is missing" % (sidecar_path, model))
     session = onnxruntime.InferenceSession(model, providers=["CPUExecutionProvider"])
     return info, session
 
 
 def predict(sidecar_path, images, batch_size=32):
-    """N×K float32 outputs of the image files ``images``; also the sidecar."""
+    """N×K float32 outputs of the image files ``images`` (all decoded first: a bad file stops
+    before any work); also the sidecar."""
     info, session = load(sidecar_path)
+    decoded = [read_image(p) for p in images]
     name = session.get_inputs()[0].name
     rows = []
-    for start in range(0, len(images), batch_size):
-        batch = np.stack([preprocess(read_image(p), info["input"])
-                          for p in images[start:start + batch_size]])
+    for start in range(0, len(decoded), batch_size):
+        batch = np.stack([preprocess(image, info["input"]) for image in decoded[start:start + batch_size]])
         rows.append(session.run(None, {name: batch})[0])
     return np.concatenate(rows, axis=0), info
 
@@ -125,7 +128,13 @@ def main(argv=None):
     parser.add_argument("images", nargs="+", metavar="IMAGE")
     parser.add_argument("--output", default=None, help="CSV to write (default: standard output)")
     args = parser.parse_args(argv)
-    scores, info = predict(args.sidecar, args.images)
+    if args.output and not os.path.isdir(os.path.dirname(os.path.abspath(args.output))):
+        parser.exit(2, "error: --output: directory %s does not exist\n"
+                    % os.path.dirname(os.path.abspath(args.output)))
+    try:
+        scores, info = predict(args.sidecar, args.images)
+    except InputError as err:
+        parser.exit(2, "error: %s\n" % err)
     labels = info["output"]["labels"]
     if not info.get("deterministic", True):
         print("note: the model draws random numbers (%s): its outputs vary from run to run"

@@ -90,6 +90,7 @@ def test_exported_symbol_gives_the_checkpoints_predictions(runs, method, tmp_pat
     prefix = str(tmp_path / "model")
     info = export.main([runs(method), "--format", "mxnet", "--output", prefix])
     assert info["files"] == ["model-symbol.json", "model-0000.params"]
+    assert info["deterministic"] == (method != "s3n")  # S3N at epoch 0: mode 1 draws in the graph
     assert json.load(open(prefix + ".json")) == info
     batch = input_batch(info)
     net = mx.gluon.SymbolBlock.imports(prefix + "-symbol.json", ["data"], prefix + "-0000.params")
@@ -291,6 +292,16 @@ def test_onnx_predict_script_gives_the_predict_numbers(runs, onnx_exports, metho
     assert rows[0][0] == rows[1][0] == ["image"] + info["output"]["labels"]
     assert [r[0] for r in rows[0]] == [r[0] for r in rows[1]]
     assert info["input"]["preprocess"] == PREPROCESS[method]
+    # a bad file is a one-line error naming it (exit status 2), before any prediction
+    bad = str(tmp_path / "bad.png")
+    open(bad, "wb").write(b"not an image")
+    capsys.readouterr()
+    for argv, named in (([prefix + ".json", images[0], bad], "bad.png: expected a JPEG/PNG"),
+                        ([str(tmp_path / "none.json"), images[0]], "none.json: expected the JSON")):
+        with pytest.raises(SystemExit) as stop:
+            _onnx_predict_module().main(argv)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert stop.value.code == 2 and len(err) == 1 and named in err[0]
 
 
 PREPROCESS = {  # the demo runs' evaluation transforms (imbalanced_attr / fgvc_gluon make_transform)

@@ -9,7 +9,7 @@ it lists or converts operators), so ``mx.onnx.export_model`` and
   grid N×2×H'×W' with channels (x, y) in [-1, 1], maps -1..1 onto the pixel
   centres 0..W-1 (``x_pix = (x + 1)(W - 1)/2``: ``align_corners=1``) and reads
   0 outside the image (``padding_mode='zeros'``); GridSample takes the same
-  grid as N×H'×W'×2, hence one ``Transpose`` (tests/test_onnx_s3n.py checks
+  grid as N×H'×W'×2, hence one ``Transpose`` (tests/test_export.py checks
   both against MXNet inside and outside the image).
 - the element-wise comparisons without broadcasting ``_greater``,
   ``_greater_equal``, ``_lesser``, ``_lesser_equal``, ``_equal``,
