@@ -921,15 +921,21 @@ class S3NMethod(FGVCTask):
         """N×3×S×S -> the concat logits N×K at ``evaluation_mode(epoch)`` (the mode a
         constant of the graph; mode 1, epochs <= 20, draws its uniforms inside the graph from
         MXNet's RNG, as ``predict`` outside an evaluation does: an exported graph sees whole
-        batches, so no device split is involved).
+        batches, so no device split is involved; modes 0 and 2 get N×961 zeros, which they
+        never read, so that their graph holds no random operator and is deterministic).
         The graph samples with MXNet's BilinearSampler (``net.sampler_impl`` is set to
-        'mxnet'), so that the exported files load without this package's native kernel."""
+        'mxnet'), so that the exported files load without this package's native kernel
+        (and BilinearSampler has an ONNX translation, training_runtime.onnx_ops)."""
         mode = float(evaluation_mode(epoch))
         self.net.sampler_impl = "mxnet"
 
         def concat(F, x, net):
             first = F.slice_axis(F.reshape(x, (-1,)), axis=0, begin=0, end=1)  # (1,)
-            return net(x, F.ones_like(first) * mode)[0]
+            if mode == 1:
+                return net(x, F.ones_like(first) * mode)[0]
+            column = F.zeros_like(F.slice_axis(F.reshape(x, (0, -1)), axis=1, begin=0, end=1))  # N×1
+            uniforms = F.broadcast_axis(column, axis=1, size=GRID_SIZE ** 2)                  # N×961
+            return net(x, F.ones_like(first) * mode, uniforms)[0]
         return InferenceBranch(concat, self.net, prefix="exported_")
 
     def inference_subnetwork(self, epoch):

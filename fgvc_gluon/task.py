@@ -126,6 +126,20 @@ class InferenceBranch(gluon.HybridBlock):
         return self._fn(F, x, *self._parts)
 
 
+def eval_resize_steps(defaults):
+    """The evaluation resize and crop of :func:`fgvc_gluon.data.make_transform` as the
+    sidecar's machine-readable ``preprocess`` steps (scripts/onnx_predict.py applies them)."""
+    size, resize = int(defaults["image_size"]), defaults.get("resize")
+    if resize is None:
+        return [{"op": "resize", "width": size, "height": size, "interpolation": "bilinear"}]
+    if np.isscalar(resize):
+        first = {"op": "resize_short", "size": int(resize), "interpolation": "bilinear"}
+    else:
+        first = {"op": "resize", "width": int(resize[0]), "height": int(resize[1]),
+                 "interpolation": "bilinear"}
+    return [first, {"op": "center_crop", "width": size, "height": size}]
+
+
 def eval_resize_text(defaults):
     """The evaluation resize of :func:`fgvc_gluon.data.make_transform`, in words."""
     size, resize = int(defaults["image_size"]), defaults.get("resize")
@@ -207,6 +221,7 @@ class FGVCTask(TrainingTask):
         d = self.defaults
         return {"input": {"size": int(d["image_size"]), "channel_order": "RGB", "layout": "NCHW",
                           "dtype": "float32", "resize": eval_resize_text(d),
+                          "preprocess": eval_resize_steps(d),
                           "normalization": {"scale": 1.0 / 255, "mean": list(d.get("mean")),
                                             "std": list(d.get("std")),
                                             "formula": "x = (pixel / 255 - mean) / std"}},

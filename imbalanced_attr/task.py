@@ -99,6 +99,8 @@ def normalisation_info(normalize, input_size):
     return {"size": input_size, "channel_order": "RGB", "layout": "NCHW", "dtype": "float32",
             "resize": "resize to %d×%d (aspect ratio not kept, area interpolation), then the "
                       "center %d×%d crop" % (resize, resize, input_size, input_size),
+            "preprocess": [{"op": "resize", "width": resize, "height": resize, "interpolation": "area"},
+                           {"op": "center_crop", "width": input_size, "height": input_size}],
             "normalization": dict(norm, name=normalize)}
 AP_FILE = "test_ap.png"
 PR_FILE = "test_pr.png"
