@@ -1,4 +1,5 @@
-"""Attribute datasets: WIDER-Attribute, PETA, PA-100K and the Fashion-MNIST demo.
+"""Attribute datasets: WIDER-Attribute, PETA, PA-100K and the Fashion-MNIST demo
+(RAP v1 / v2 and Rethinking_of_PAR's dataset.pkl: :mod:`imbalanced_attr.par_datasets`).
 
 Every reader returns a gluon ``Dataset`` of ``(image, label)``: image an
 H×W×3 uint8 RGB NDArray (the person crop), label a float32 vector in the
@@ -45,7 +46,8 @@ names), ``selected_attribute`` (the 35 attributes of the standard protocol,
 1-based) and ``partion_attribute`` (5 random partitions, each a struct with
 1-based ``train`` / ``val`` / ``test`` image indices). Images are
 ``root/images/%05d.png`` (1-based). Split: partition ``partition`` (default
-0, the first, as usually reported); trainval = train + val. Labels 0/1 are
+0, the first, as usually reported; ``--dataset peta`` reads ``SPLIT@K`` as
+partition K); trainval = train + val. Labels 0/1 are
 mapped to -1/1.
 
 PA-100K (``PA100K(root, split)``): ``annotation.mat`` (in ``root`` or
@@ -70,13 +72,13 @@ from training_runtime.images import (IMAGENET_MEAN, IMAGENET_STD, ImageListDatas
                                      mat_numbers, mat_strings, open_text, require_root)
 from training_runtime.registry import DatasetEntry
 
-from . import fashion_attributes
+from . import fashion_attributes, par_datasets
 from .registry import DATASETS as DATASET_REGISTRY
 
 WIDER_ATTRIBUTES = ("Male", "longHair", "sunglass", "Hat", "Tshirt", "longSleeve", "formal",
                     "shorts", "jeans", "longPants", "skirt", "faceMask", "logo", "stripe")
 SPLITS = ("train", "val", "trainval", "test")
-DATASETS = ("wider", "peta", "pa100k", "fashion-mnist", "fashion-mnist-rare")
+DATASETS = ("wider", "peta", "pa100k", "rap", "rap2", "par-pkl", "fashion-mnist", "fashion-mnist-rare")
 # the original's ImageRecordIter: mean_r/g/b on 0-255 pixels, no std
 ORIGINAL_MEAN = (104.0, 117.0, 123.0)
 
@@ -499,17 +501,25 @@ class FashionMNISTAttributes(ArrayImageDataset):
 
 
 def get_dataset(name, data_dir, split, **opts):
-    """Attribute dataset by name: 'wider', 'peta', 'pa100k' or 'fashion-mnist'.
+    """Attribute dataset by name (one of DATASETS).
 
-    opts go to the reader (skip_bad_images, limit, source, partition; the demo
-    takes only limit).
+    opts go to the reader (skip_bad_images, limit, source; the demo takes only
+    limit). PETA, RAP, RAP2 and par-pkl take ``SPLIT@K`` for partition K
+    (:func:`par_datasets.parse_split`).
     """
     if name == "wider":
         return WiderAttribute(data_dir, split, **opts)
     if name == "peta":
-        return PETA(data_dir, split, **opts)
+        split, partition = par_datasets.parse_split(split)
+        return PETA(data_dir, split, **dict(opts, partition=opts.get("partition", partition)))
     if name == "pa100k":
         return PA100K(data_dir, split, **opts)
+    if name == "rap":
+        return par_datasets.RAP(data_dir, split, **opts)
+    if name == "rap2":
+        return par_datasets.RAP2(data_dir, split, **opts)
+    if name == "par-pkl":
+        return par_datasets.ParPickle(data_dir, split, **opts)
     if name in ("fashion-mnist", "fashion-mnist-rare"):
         opts.pop("skip_bad_images", None)
         return FashionMNISTAttributes(split, data_dir, rare=name == "fashion-mnist-rare", **opts)
@@ -600,6 +610,13 @@ def _register(name, splits=("train", "val", "test"), demo=False, label_names=Non
 _register("wider", label_names=WIDER_ATTRIBUTES, summary="WIDER-Attribute (official JSON or SRN lists)")
 _register("peta", summary="PETA.mat, 35-attribute protocol")
 _register("pa100k", summary="PA-100K annotation.mat")
+# the PAR protocol (Rethinking_of_PAR's configs): train on trainval, evaluate on test
+_register("rap", splits=("trainval", "test", "test"),
+          summary="RAP v1 RAP_annotation.mat, 51 attributes; SPLIT@K = partition K")
+_register("rap2", splits=("trainval", "test", "test"),
+          summary="RAP v2 RAP_annotation.mat, 54 attributes; SPLIT@K = partition K")
+_register("par-pkl", splits=("trainval", "test", "test"),
+          summary="Rethinking_of_PAR dataset.pkl (label_idx.eval); SPLIT@K = partition K")
 _register("fashion-mnist", demo=True, label_names=fashion_attributes.ATTRIBUTE_NAMES,
           summary="the embedded demo: attributes derived from Fashion-MNIST classes")
 _register("fashion-mnist-rare", demo=True, label_names=fashion_attributes.ATTRIBUTE_NAMES,

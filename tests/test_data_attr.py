@@ -328,8 +328,8 @@ def test_fashion_mnist_attributes():
 
 
 def test_get_dataset_unknown_name():
-    with pytest.raises(UserError, match="--dataset: expected one of wider, peta, pa100k, "
-                                        "fashion-mnist, fashion-mnist-rare, got 'celeba'"):
+    with pytest.raises(UserError, match="--dataset: expected one of wider, peta, pa100k, rap, rap2, "
+                                        "par-pkl, fashion-mnist, fashion-mnist-rare, got 'celeba'"):
         get_dataset("celeba", "/tmp", "train")
 
 
