@@ -18,8 +18,9 @@ from training_runtime import config as run_config
 from training_runtime.errors import UserError
 from fgvc_gluon.family import FAMILY
 
-#: a tiny baseline run with non-default seed and lr (a run that ignored the file would differ)
-TINY = ["--method", "baseline", "--train-limit", "16", "--val-limit", "8", "--test-limit", "8",
+#: a tiny MC-Loss run (small network, a random channel mask per step) with a non-default seed
+#: and lr: a run that ignored the file would differ
+TINY = ["--method", "mcloss", "--train-limit", "16", "--val-limit", "8", "--test-limit", "8",
         "--epochs", "1", "--image-size", "32", "--batch-size", "8", "--picture-images", "0",
         "--figures", "none", "--seed", "3", "--lr", "0.002"]
 
