@@ -29,6 +29,7 @@ setup(
         "matplotlib<3.9",
         "tqdm",
         "Pillow",
+        "pyyaml",              # --config FILE.yaml (already required by gluoncv)
     ],
     extras_require={
         "cpu": ["mxnet==1.9.1"],

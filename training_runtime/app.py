@@ -68,6 +68,16 @@ def build_parser(family, doc):
     summary, _, rest = doc.strip().partition("\n\n")
     parser = cli.make_parser(summary, epilog=rest + "\n\n" + recipes_text(family),
                              prog=family.script + ".py")
+    g = parser.add_argument_group("run definition file (docs/CONFIG.md)")
+    g.add_argument("--config", default=None, metavar="FILE",
+                   help="start a new run from FILE: a JSON object of run-definition fields by flag name "
+                        "(e.g. {\"lr\": 0.01, \"epochs\": 3}), the sections --print-config writes, or "
+                        "a run's args.json (to run it again); YAML if FILE ends in .yaml/.yml. Layers: "
+                        "the recipe <- the demo's values <- FILE <- the flags given. Not with --resume, "
+                        "--test, --predict (their definition is the checkpoint's)")
+    g.add_argument("--print-config", action="store_true",
+                   help="print the resolved run definition as JSON (a --config file) and exit without "
+                        "any work (with --resume: the definition the resume would use)")
     g = parser.add_argument_group("run directory")
     g.add_argument("--save-dir", default=None,
                    help="output directory (default: runs/%s-<timestamp>)" % family.script)
@@ -99,6 +109,20 @@ def main(family, argv=None, doc="", callbacks=()):
     """Parse ``argv`` and run the action; returns the test report (train, --test)."""
     args = build_parser(family, doc).parse_args(argv)
     given = run_config.given_values(args, family)
+    inference = [flag for flag, on in (("--resume", args.resume is not None), ("--test", args.test is not None),
+                                       ("--predict", args.predict is not None), ("--weights", args.weights))
+                 if on] + ["a checkpoint action" for action in family.actions if action.requested(args)]
+    if args.config is not None:
+        if inference:
+            raise UserError("--config: not with %s: its run definition is the checkpoint's (flags such as "
+                            "--lr, --epochs change what may change); to run a definition again as a new "
+                            "run: --config RUN/args.json --save-dir NEW" % inference[0])
+        # the file's values under the flags' (run_config.resolve layers recipe and demo below them)
+        given = run_config.read_config_file(args.config, family).under(family, given)
+    if args.print_config:
+        if inference and inference != ["--resume"]:
+            raise UserError("--print-config: with a new run or --resume, not with %s" % inference[0])
+        return print_config(family, args, given)
     for action in family.actions:
         if action.requested(args):
             return action.run(family, args, given)
@@ -107,6 +131,22 @@ def main(family, argv=None, doc="", callbacks=()):
     if args.test is not None:
         return run_test(family, args, given)
     return run_training(family, args, given, argv, callbacks)
+
+
+def print_config(family, args, given):
+    """--print-config: print the run definition a training run (or --resume) would use, as
+    JSON in the shape --config reads (RunConfig.to_dict); returns that dict. Reads nothing
+    but the --config file and, for --resume, the checkpoint."""
+    resume_file = cli.resume_path(args)
+    if resume_file:
+        record = checkpoint.read(resume_file, "--resume")[0]
+        saved = saved_config(record, family, resume_file, "--resume")
+        config = run_config.reconcile(saved, given, family, "resume", resume_file)[0]
+    else:
+        config = run_config.resolve(family, given)
+    definition = config.to_dict()
+    print(json.dumps(definition, indent=1))
+    return definition
 
 
 # ---------------------------------------------------------------------------- pieces

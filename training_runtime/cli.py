@@ -79,7 +79,8 @@ def resume_path(args):
 
 def prepare_save_dir(args, script, config=None, argv=None):
     """Create/validate ``args.save_dir``; for a new run write args.json
-    (script, the run definition ``config`` as a dict, the command line).
+    (script, the run definition ``config`` as a dict, the command line and,
+    with ``--config FILE``, ``config_file``: FILE's absolute path).
     Returns the directory. With ``--resume FILE`` and no --save-dir, the run
     continues in FILE's directory; a resumed run's args.json is left as it is.
     """
@@ -115,7 +116,10 @@ def prepare_save_dir(args, script, config=None, argv=None):
         path = os.path.join(directory, ARGS_FILE)
         with writing(path), checkpoint.replaced_atomically(path) as tmp:
             with open(tmp, "w") as f:
-                json.dump({"script": script, "config": config, "argv": argv}, f, indent=1, sort_keys=True)
+                written = {"script": script, "config": config, "argv": argv}
+                if getattr(args, "config", None):  # --config FILE: where the definition started
+                    written["config_file"] = os.path.abspath(args.config)
+                json.dump(written, f, indent=1, sort_keys=True)
     return directory
 
 

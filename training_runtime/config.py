@@ -11,7 +11,9 @@ BatchNorm mode, checkpointing, smoke-run limits).
   help, type and choices; method knobs come from their :class:`Knob` specs.
 - A run is resolved in layers (:func:`resolve`): field defaults <- the
   method's upstream recipe <- its demo overrides (on the embedded demo data)
-  <- the flags given. Every value is validated here, before any work.
+  <- a ``--config FILE`` (:func:`read_config_file`: JSON or YAML fields, the
+  sections ``--print-config`` writes, or a run's args.json) <- the flags
+  given. Every value is validated here, before any work.
 - Every checkpoint stores the resolved definition (``RunConfig.to_dict``);
   ``--resume``, ``--test`` and ``--predict`` rebuild the run from it
   (:func:`reconcile`): a flag that contradicts it is refused, except those
@@ -23,8 +25,11 @@ its key in the recipes.
 """
 import argparse
 import dataclasses
+import difflib
+import json
 import math
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Union
@@ -319,11 +324,17 @@ def _flag(name):
     return "--" + name.replace("_", "-")
 
 
-def _check_field(f, value):
-    """UserError for a value outside the field's range or choices."""
+def _check_field(f, value, label=None):
+    """UserError for a value outside the field's range or choices; the message starts with
+    ``label`` (default: the field's flag)."""
     meta = f.metadata
     if value is None:
         return
+    if label is not None:
+        try:
+            return _check_field(f, value)
+        except UserError as err:
+            raise UserError(_relabel(str(err), field_flag(f), label))
     values = value if isinstance(value, list) else [value]
     for v in values:
         if isinstance(v, bool) or not isinstance(v, (int, float)):
@@ -356,11 +367,14 @@ def default_dataset(family, given):
     return family.default_dataset if given.get("data_dir") else family.demo_dataset
 
 
-def resolve(family, given):
+def resolve(family, given, config_file=None):
     """The RunConfig of a new run: field defaults <- the method's recipe (with the
     run's backbone's own recipe over it, when it has one) <- its demo overrides
-    (demo data only) <- ``given`` (name -> value). UserError naming the
-    flag for any invalid value or combination."""
+    (demo data only) <- ``config_file`` (a :class:`ConfigFile`, ``--config``) <-
+    ``given`` (name -> value). UserError naming the flag (or the file and its
+    field) for any invalid value or combination."""
+    if config_file is not None:
+        given = config_file.under(family, given)
     if given.get("records") and given.get("data_dir"):
         raise UserError("--records and --data-dir: give one or the other (the records hold the images)")
     method = given.get("method") or family.methods.names()[0]
@@ -411,12 +425,15 @@ def build_config(family, entry, values):
     return config
 
 
+#: fields every resolved run has a value of (the recipes give them)
+REQUIRED_FIELDS = ("lr", "momentum", "wd", "epochs", "batch_size", "schedule", "backbone")
+
+
 def validate(config):
     """UserError for a missing or out-of-range value of any field."""
     for section, f in config_fields():
         value = getattr(getattr(config, section), f.name)
-        if value is None and f.name in ("lr", "momentum", "wd", "epochs", "batch_size", "schedule",
-                                        "backbone"):
+        if value is None and f.name in REQUIRED_FIELDS:
             raise UserError("%s: no value (the method's recipe has none): give %s"
                             % (field_flag(f), field_flag(f)))
         _check_field(f, value)
@@ -470,3 +487,271 @@ def _show(value):
 
 def describe_changes(changes):
     return ", ".join("%s %s -> %s" % (_flag(n), _show(a), _show(b)) for n, a, b in changes)
+
+
+# ---------------------------------------------------------------------------- config files
+
+SECTION_NAMES = tuple(name for name, _ in SECTIONS)
+_KINDS = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+_BAD = object()
+
+
+def _json(value):
+    """``value`` as the file would spell it (JSON; repr for what JSON cannot hold, e.g. YAML dates)."""
+    try:
+        return json.dumps(value)
+    except (TypeError, ValueError):
+        return repr(value)
+
+
+def _relabel(message, flag, label):
+    """``message`` of ``flag`` ("--lr: expected ...") with ``label`` in place of the flag."""
+    if message.startswith(flag + ":"):
+        return label + message[len(flag):]
+    return "%s: %s" % (label, message)
+
+
+def _typed(kind, value):
+    """``value`` as a ``kind`` (int, float, str, bool) when it is one (an int is a float), else _BAD.
+    Strict: no conversion of strings or of true/false to numbers."""
+    if isinstance(value, bool):
+        return value if kind is bool else _BAD
+    if kind is float and isinstance(value, (int, float)):
+        return float(value)
+    return value if isinstance(value, kind) else _BAD
+
+
+def _optional(f):
+    return type(None) in typing.get_args(f.type)
+
+
+def _file_field(family, f, value, label):
+    """The value of field ``f`` read from a file: type-checked as the flag's, range-checked."""
+    if value is None:
+        if not _optional(f) or f.name in REQUIRED_FIELDS:
+            raise UserError("%s: expected %s, got null (leave the field out for the default or the "
+                            "method's recipe)" % (label, _expected(f)))
+        return None
+    if f.name == "pretrained":
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip():
+            return pretrained_file_arg(value)
+        raise UserError("%s: expected true, false or the path of a .params file, got %s"
+                        % (label, _json(value)))
+    kind = _field_type(f)
+    if f.metadata["nargs"]:
+        items = [_typed(kind, v) for v in value] if isinstance(value, list) else [_BAD]
+        if any(v is _BAD for v in items):
+            raise UserError("%s: expected a list of %s, got %s" % (label, _expected(f, plural=True),
+                                                                  _json(value)))
+        value = items
+    else:
+        typed = _typed(kind, value)
+        if typed is _BAD:
+            raise UserError("%s: expected %s, got %s" % (label, _expected(f), _json(value)))
+        value = typed
+    for name, registry in (("method", family.methods), ("dataset", family.datasets)):
+        if f.name == name and value not in registry:
+            raise UserError("%s: expected one of %s, got %r" % (label, ", ".join(registry), value))
+    _check_field(f, value, label)
+    return value
+
+
+def _expected(f, plural=False):
+    kind = _field_type(f)
+    if plural:
+        return {int: "integers", float: "numbers"}.get(kind, "strings")
+    return _KINDS.get(kind, kind.__name__)
+
+
+#: names other trainers' files use (timm's args.yaml, ...) -> ours: suggested, never read as ours
+PEER_NAMES = {"learning_rate": "lr", "weight_decay": "wd", "model": "backbone", "arch": "backbone",
+              "img_size": "image_size", "opt": "optimizer", "sched": "schedule", "decay_epochs": "lr_steps",
+              "decay_rate": "lr_factor", "workers": "num_workers", "num_epochs": "epochs",
+              "batch": "batch_size", "model_ema_decay": "ema"}
+
+
+def _closest(name, known):
+    close = difflib.get_close_matches(name, sorted(known), n=3, cutoff=0.6)
+    if PEER_NAMES.get(name) in known:
+        close = [PEER_NAMES[name]] + [k for k in close if k != PEER_NAMES[name]][:2]
+    if not close:  # a name that shares a word with ours
+        words = set(name.split("_"))
+        close = [k for k in sorted(known) if words & set(k.split("_"))][:3]
+    return "closest: %s" % ", ".join(close) if close else "see --print-config for every field"
+
+
+class ConfigFile(object):
+    """The run-definition values of a ``--config`` file (:func:`read_config_file`).
+
+    values: name -> value (field values checked; knob values checked against the
+    run's method in :meth:`under`); where: name -> ``--config FILE: key`` (errors);
+    source: 'file', or 'args.json' for a run's record.
+    """
+
+    def __init__(self, path, values, where, source):
+        self.path, self.values, self.where, self.source = path, values, where, source
+
+    def under(self, family, given):
+        """The values of a run: this file's <- ``given`` (the flags). A flag --data-dir or
+        --records replaces the file's data_dir and records both (one says where the data
+        is). The file's knobs are checked against the run's method."""
+        values = dict(self.values)
+        if given.get("data_dir") or given.get("records"):
+            values.pop("data_dir", None)
+            values.pop("records", None)
+        method = given.get("method") or values.get("method") or family.methods.names()[0]
+        if method in family.methods:  # else resolve() refuses the flag
+            entry = family.methods.get(method)
+            mine = {k.name: k for k in entry.knobs}
+            for name in sorted(set(values) & knob_names(family)):
+                label = self.where[name]
+                if name not in mine:
+                    owners = [e.name for e in family.methods.values() if any(k.name == name for k in e.knobs)]
+                    raise UserError("%s: a knob of --method %s (this run is --method %s)"
+                                    % (label, " or ".join(owners), method))
+                knob, value = mine[name], values[name]
+                if value is not None and _typed(knob.type, value) is _BAD:
+                    raise UserError("%s: expected %s, got %s" % (label, _KINDS.get(knob.type, "a value"),
+                                                                _json(value)))
+                try:
+                    values[name] = knob.check(value)
+                except ValueError as err:
+                    raise UserError(_relabel(str(err), knob.flag, label))
+        values.update(given)
+        return values
+
+
+class _YamlNumbers(object):
+    """A PyYAML SafeLoader that also reads 1e-3 and 1.0e3 as floats (YAML 1.1, which PyYAML
+    implements, reads them as strings: a classic trap for learning rates)."""
+
+    loader = None
+
+    @classmethod
+    def get(cls, yaml):
+        if cls.loader is None:
+            class Loader(yaml.SafeLoader):
+                pass
+            Loader.add_implicit_resolver(
+                "tag:yaml.org,2002:float",
+                re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+                list("-+0123456789."))
+            cls.loader = Loader
+        return cls.loader
+
+
+def _parse(text, path, label):
+    """The file's top-level value: YAML for .yaml/.yml, else JSON (duplicate keys refused)."""
+    if path.lower().endswith((".yaml", ".yml")):
+        try:
+            import yaml  # PyYAML: a dependency of gluoncv, declared in setup.py
+        except ImportError:
+            raise UserError("%s: reading YAML needs PyYAML (pip install pyyaml); or write the file as "
+                            "JSON" % label)
+        try:
+            return yaml.load(text, Loader=_YamlNumbers.get(yaml))
+        except yaml.YAMLError as err:
+            raise UserError("%s: not valid YAML (%s)" % (label, " ".join(str(err).split())))
+
+    def no_duplicates(pairs):
+        keys = [k for k, _ in pairs]
+        for key in keys:
+            if keys.count(key) > 1:
+                raise UserError("%s: key %r appears twice" % (label, key))
+        return dict(pairs)
+    try:
+        return json.loads(text, object_pairs_hook=no_duplicates)
+    except json.JSONDecodeError as err:
+        raise UserError("%s: not valid JSON (line %d column %d: %s)%s"
+                        % (label, err.lineno, err.colno, err.msg,
+                           "; YAML files end in .yaml or .yml" if ":" in text and "{" not in text else ""))
+
+
+def read_config_file(path, family):
+    """The run-definition values of ``--config FILE``: a :class:`ConfigFile`.
+
+    FILE is JSON (YAML when it ends in .yaml / .yml) holding an object of
+    run-definition fields and knobs by name (``{"lr": 0.01, "epochs": 3}``;
+    ``image-size`` and ``--image-size`` are read as ``image_size``), or nested
+    by section as :meth:`RunConfig.to_dict` (``--print-config``) writes them
+    (``{"family": ..., "model": {..., "options": {knobs}}, "data": {...}, ...}``),
+    or a run's args.json (``{"script", "config", "argv"}``: its ``config``).
+    Every value is checked as its flag's; UserError ``--config FILE: field: ...``
+    naming the closest known names of an unknown one.
+    """
+    label = "--config %s" % path
+    if not os.path.exists(path):
+        raise UserError("%s: file not found" % label)
+    if os.path.isdir(path):
+        raise UserError("%s: is a directory; expected a JSON or YAML file (a run's definition is "
+                        "RUN/args.json)" % label)
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as err:
+        raise UserError("%s: cannot read it (%s)" % (label, err))
+    data = _parse(text, path, label)
+    source = "file"
+    if isinstance(data, dict) and "script" in data and "config" in data:  # a run's args.json
+        if data["script"] != family.script:
+            raise UserError("%s: the args.json of a %s run; this is %s" % (label, data["script"], family.script))
+        data, source = data["config"], "args.json"
+    if not isinstance(data, dict):
+        raise UserError("%s: expected an object of run-definition fields (e.g. {\"lr\": 0.01}), got %s"
+                        % (label, "null" if data is None else type(data).__name__))
+    data = dict(data)
+    if "family" in data:
+        if data.pop("family") != family.name:
+            raise UserError("%s: family: a run definition of another script's family; this is %s "
+                            "(family %s)" % (label, family.script, family.name))
+    fields = {f.name: (section, f) for section, f in config_fields()}
+    aliases = {alias.lstrip("-").replace("-", "_"): f.name for _, f in config_fields()
+               for alias in f.metadata["aliases"]}
+    knobs = knob_names(family)
+    raw, where, places = {}, {}, {}
+
+    def add(key, value, place, section):
+        if not isinstance(key, str):
+            raise UserError("%s: %s: keys are field names, got %r" % (label, place, key))
+        name = key.lstrip("-").replace("-", "_")
+        name = aliases.get(name, name)
+        if name in fields:
+            home = fields[name][0]
+            if section not in (None, home):
+                raise UserError("%s: %s: %s belongs in section %s" % (label, place, name, home))
+        elif name in knobs:
+            if section not in (None, "options"):
+                raise UserError("%s: %s: %s is a method knob: put it in model.options or at the top "
+                                "level" % (label, place, name))
+        else:
+            known = set(fields) | knobs | (set(SECTION_NAMES) if section is None else set())
+            if section == "options":
+                known = knobs
+            raise UserError("%s: %s: unknown field (%s)" % (label, place, _closest(name, known)))
+        if name in raw:
+            raise UserError("%s: %s: %s is given twice (also as %s)" % (label, place, name, places[name]))
+        raw[name], places[name], where[name] = value, place, "%s: %s" % (label, place)
+
+    for key, value in data.items():
+        if key in SECTION_NAMES and isinstance(value, dict):
+            for inner, item in value.items():
+                if key == "model" and inner == "options":
+                    if not isinstance(item, dict):
+                        raise UserError("%s: model.options: expected an object of knobs, got %s"
+                                        % (label, _json(item)))
+                    for knob, setting in item.items():
+                        add(knob, setting, "model.options.%s" % knob, "options")
+                else:
+                    add(inner, item, "%s.%s" % (key, inner), key)
+        elif key in SECTION_NAMES:
+            raise UserError("%s: %s: expected an object of the section's fields, got %s%s"
+                            % (label, key, _json(value),
+                               " (the network is 'backbone')" if key == "model" else ""))
+        else:
+            add(key, value, key, None)
+    values = {}
+    for name, value in raw.items():
+        values[name] = _file_field(family, fields[name][1], value, where[name]) if name in fields else value
+    return ConfigFile(path, values, where, source)
