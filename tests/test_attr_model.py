@@ -122,6 +122,7 @@ def resnet101_model():
     return AttributeModel(NUM_CLASSES)
 
 
+@pytest.mark.slow
 def test_resnet101_model_shapes_at_224(resnet101_model):
     net = resnet101_model
     x = mx.nd.random.uniform(-1, 1, shape=(1, 3, 224, 224))
@@ -213,6 +214,7 @@ def test_unavailable_pretrained_weights_raise_a_user_error(monkeypatch):
         get_backbone("resnet18_v1", 3, pretrained=True)
 
 
+@pytest.mark.slow
 def test_training_steps_lower_the_loss_on_fashion_mnist(fashion_mnist_dir):
     """One SGD Trainer per block as in the original; plain sigmoid BCE on all branches."""
     mx.random.seed(5)

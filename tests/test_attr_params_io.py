@@ -256,6 +256,7 @@ def test_bad_directories_and_files_raise_user_errors(resnet18_saved, tmp_path):
 
 @pytest.mark.parametrize("zoo_name, stem, count", [("resnet101_v1", "backbone_resnet", 588),
                                                    ("densenet201", "backbone_densenet", 1006)])
+@pytest.mark.slow
 def test_full_size_backbone_taps_equal_the_originals_named_outputs(zoo_name, stem, count, tmp_path):
     """At 224×224 the original's named internals (stage3_activation19, … /
     conv3, stage4_concat15) equal our taps after loading our backbone file."""
@@ -557,6 +558,7 @@ def test_flipped_bytes_in_names_and_values(resnet18_saved, tmp_path):
         load_original_params(net, target)
 
 
+@pytest.mark.slow
 def test_random_flips_in_a_params_file_give_user_errors(resnet18_saved, tmp_path):
     """Flips in a small file (mostly in its header, shapes, types and names): a UserError, or a load (nd.save files have no checksum: a
     flipped value bit goes unnoticed) - never another exception."""

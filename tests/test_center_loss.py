@@ -172,6 +172,7 @@ def test_model_zoo_backbone_and_errors():
         build_method(3, pretrained=True)
 
 
+@pytest.mark.slow
 def test_short_training_on_fashion_mnist_lowers_the_loss(fashion_mnist_dir):
     seed_everything()
     method = build_method(4)  # the upstream demo network, 2-D features, 28x28 inputs

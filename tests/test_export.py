@@ -25,6 +25,8 @@ import train_fgvc
 from training_runtime import export
 from training_runtime.errors import UserError
 
+pytestmark = pytest.mark.slow  # end-to-end runs: not in the fast loop (-m "not slow")
+
 TOL = 1e-5  # absolute and relative (float32 kernels of MXNet and onnxruntime differ in the last bits)
 TINY = ["--epochs", "1", "--max-steps", "1", "--batch-size", "16", "--seed", "3"]
 RUNS = {

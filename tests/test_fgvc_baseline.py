@@ -76,6 +76,7 @@ def test_hybridized_forward_matches_imperative():
     np.testing.assert_allclose(hybrid, imperative, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_short_training_on_fashion_mnist_lowers_the_loss(fashion_mnist_dir):
     seed_everything()
     data, labels = fashion_mnist_tensors(fashion_mnist_dir)

@@ -316,6 +316,7 @@ def test_cosine_schedule_follows_upstream_formula_and_log():
         make_schedule(OptimConfig(lr=0.02, epochs=4, schedule="linear"))
 
 
+@pytest.mark.slow
 def test_resnet50_mc_unavailable_imagenet_weights_are_a_one_line_error(tmp_path, fashion_mnist_dir):
     """--backbone resnet50_mc loads ImageNet weights as upstream: without the files and without
     network, one clear line naming the model-zoo network, status 2."""

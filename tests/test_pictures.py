@@ -16,6 +16,8 @@ from training_runtime import app
 from training_runtime.errors import UserError
 from training_runtime.fashion_mnist import load_split
 
+pytestmark = pytest.mark.slow  # end-to-end runs: not in the fast loop (-m "not slow")
+
 TINY = ["--train-limit", "32", "--val-limit", "16", "--test-limit", "16", "--batch-size", "16",
         "--epochs", "1", "--max-steps", "2", "--seed", "1"]
 

@@ -12,6 +12,8 @@ from training_runtime import checkpoint, loop, plots, progress
 from resume_harness import run_script
 from test_runner import make_runner, StopAt
 
+pytestmark = pytest.mark.slow  # end-to-end runs: not in the fast loop (-m "not slow")
+
 LINE = re.compile(r"^epoch (\d+) step (\d+)/(\d+) \(run (\d+)/(\d+)\): loss ([0-9.naninf]+), lr \S+, "
                   r"([0-9.]+) samples/s, ETA epoch (\S+) run (\S+)$")
 
