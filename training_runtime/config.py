@@ -155,6 +155,10 @@ class RuntimeConfig:
                           choices=("all", "none"), resumable=True, test=True)
     log_every: int = _field(20, "check the loss for NaN/inf and update the progress every K steps",
                             positive=True, resumable=True, test=True)
+    tensorboard: bool = _field(False, "also write the logged steps' loss, lr and samples/s and every "
+                                      "evaluation's metrics as TensorBoard scalars in RUN/tensorboard "
+                                      "(tensorboard --logdir runs; docs/LOGGING.md)",
+                               resumable=True, test=True)
     amp: bool = _field(False, "float16 mixed precision (mxnet.contrib.amp, one dynamic loss scale for "
                               "all trainers; GPUs only, refused on CPU): training_runtime.mixed_precision")
 

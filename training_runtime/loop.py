@@ -48,6 +48,7 @@ from . import checkpoint, distributed, mixed_precision, plots
 from .ema import CHECKPOINT_NAME as EMA_NAME, WeightAverage
 from . import optim as fast_optim
 from .progress import EpochProgress, RecordLog, StepLog, start_line
+from .tensorboard import EventLog
 from .errors import RunInterrupted, UserError, writing
 from .task import ParamGroup  # noqa: F401  (re-exported: its historical home)
 from .task import StepBatch
@@ -479,6 +480,9 @@ class Runner(object):
         self.ema = WeightAverage(self.blocks, self.optim.ema, ctx[0]) if self.optim.ema else None
         self.metrics = MetricsLog(save_dir, log, draw=self.runtime.figures != "none")
         self.steps_log = StepLog(save_dir, log)
+        #: --tensorboard: the same records as TensorBoard scalars (rank 0, as the logs)
+        self.tensorboard = (EventLog(save_dir, log) if self.runtime.tensorboard and self.rank == 0
+                            else None)
         #: () -> dict merged into every metrics.jsonl record (e.g. skipped-image counts)
         self.extra_record = extra_record or dict
         self._signal = None
@@ -667,6 +671,8 @@ class Runner(object):
             record["partial"] = True
         if self.rank == 0:
             self.metrics.append(record)
+            if self.tensorboard is not None:
+                self.tensorboard.add_epoch(record)
         self.log("epoch %d%s: lr %g, train loss %.4f, %s, %.1fs" % (
             self.epoch, " (stopped by --max-steps)" if partial else "", lr, self.monitor.mean,
             ", ".join("val %s%s %.4f" % ("(EMA) " if averaged else "", k, v)
@@ -778,6 +784,8 @@ class Runner(object):
         runtime = self.runtime
         self.log(start_line(self.ctx, runtime.batch_size))
         run_steps = self._run_steps()
+        if self.tensorboard is not None:  # after resume's truncation of the logs
+            self.tensorboard.start(self.steps_log, self.metrics, self.step, self.epoch)
         while self.epoch < self.optim.epochs and self._steps_left() > 0:
             self._segment_start = time.time()
             self.schedule.start_epoch(self.epoch)
@@ -816,6 +824,8 @@ class Runner(object):
                     line = bar.logged(self.batch_in_epoch, self.step, loss, self.schedule.lr)
                     if self.rank == 0:  # one steps.jsonl per run
                         self.steps_log.append(line)
+                        if self.tensorboard is not None:
+                            self.tensorboard.add_step(line)
                 if self._signal is not None and self.batch_in_epoch < len(all_batches):
                     self._stop_for_signal()
                 if (runtime.checkpoint_every and self.step % runtime.checkpoint_every == 0
