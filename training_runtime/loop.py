@@ -391,12 +391,14 @@ class MetricsLog(RecordLog):
 
 def make_trainer(params, optim, optimizer_params=None):
     """A Trainer with the run's optimizer, momentum and wd (``optim``: an
-    OptimConfig), overridden by the group's ``optimizer_params``."""
+    OptimConfig), overridden by the group's ``optimizer_params``. Never
+    ``update_on_kvstore`` (see :func:`distributed.configure_trainer`): each
+    device's updater runs the aggregated optimizer."""
     settings = {"learning_rate": optim.lr, "momentum": optim.momentum, "wd": optim.wd}
     settings.update(optimizer_params or {})
     if optim.optimizer == "sgd":  # mxnet's SGD, same numbers, faster kernels (training_runtime.optim)
-        return gluon.Trainer(params, fast_optim.SGD(**settings))
-    return gluon.Trainer(params, optim.optimizer, settings)
+        return gluon.Trainer(params, fast_optim.SGD(**settings), update_on_kvstore=False)
+    return gluon.Trainer(params, optim.optimizer, settings, update_on_kvstore=False)
 
 
 def close_workers(loader):

@@ -1,0 +1,109 @@
+"""No avoidable stalls (docs/GPU.md "Stalls"), tested on CPU contexts standing in for GPUs:
+trainers never update on the kvstore (same numbers as Gluon's default, checkpoints of
+either mode resume), the FGVC graphs hybridize with static memory, loaders pin their
+batches exactly for GPU contexts, and one pool of DataLoader workers serves a whole run."""
+import collections
+import dataclasses
+import os
+
+import mxnet as mx
+import numpy as np
+import pytest
+from mxnet import autograd, gluon
+
+from training_runtime import checkpoint, config, distributed, loop
+from training_runtime import optim as fast_optim
+from training_runtime.schedule import PlateauSchedule, make_schedule
+
+CTX = [mx.cpu(0), mx.cpu(1)]
+META = {"script": "test"}
+
+
+# ---------------------------------------------------------------- 1. no update on the kvstore
+
+def _net(seed):
+    """Dense 256→300 (76 800 weights: the single-array kernel) and 300→3 (the aggregated one)."""
+    mx.random.seed(seed)
+    net = gluon.nn.HybridSequential()
+    net.add(gluon.nn.Dense(300, in_units=256, activation="relu"), gluon.nn.Dense(3, in_units=300))
+    net.initialize(mx.init.Xavier(), ctx=CTX)
+    return net
+
+
+def _trainer(net, kvstore, runtime):
+    """``runtime``: the runner's trainer (make_trainer + configure_trainer); else Gluon's
+    default as the runtime made it before (update_on_kvstore=None: True with 2 devices)."""
+    optim = config.OptimConfig(lr=0.1, momentum=0.9, wd=5e-4)
+    if runtime:
+        trainer = loop.make_trainer(net.collect_params(), optim)
+        distributed.configure_trainer(trainer, kvstore)
+    else:
+        trainer = gluon.Trainer(net.collect_params(), fast_optim.SGD(learning_rate=0.1, momentum=0.9,
+                                                                      wd=5e-4), kvstore=kvstore)
+    schedule = PlateauSchedule(0.1)
+    return schedule.attach(trainer), schedule
+
+
+def _step(net, trainer, step):
+    rs = np.random.RandomState(step)
+    x = gluon.utils.split_and_load(mx.nd.array(rs.rand(8, 256)), CTX)
+    y = gluon.utils.split_and_load(mx.nd.array(rs.randint(0, 3, 8)), CTX)
+    with autograd.record():
+        losses = [gluon.loss.SoftmaxCrossEntropyLoss()(net(a), b) for a, b in zip(x, y)]
+    autograd.backward(losses)
+    trainer.step(8)
+
+
+def _states(trainer):
+    updater = trainer._kvstore._updater if trainer._update_on_kvstore else trainer._updaters[0]
+    return [updater.states[k].asnumpy() for k in sorted(updater.states)]
+
+
+def _weights(net):
+    """Every parameter's copy on every device, in order."""
+    return [d.asnumpy() for p in net.collect_params().values() for d in p.list_data()]
+
+
+@pytest.mark.parametrize("kvstore", ["device", "local"])
+def test_local_updates_equal_the_kvstore_updates(kvstore):
+    old_net, new_net = _net(0), _net(0)
+    old, _ = _trainer(old_net, kvstore, runtime=False)
+    new, _ = _trainer(new_net, kvstore, runtime=True)
+    for step in range(3):
+        _step(old_net, old, step)
+        _step(new_net, new, step)
+    assert old._update_on_kvstore and new._kvstore is not None and new._update_on_kvstore is False
+    assert len(new._updaters) == 2 and all(u.aggregate_updates for u in new._updaters)
+    old_states, new_states = _states(old), _states(new)
+    assert len(new_states) == 4 and np.abs(new_states[0]).sum() > 0
+    for a, b in zip(_weights(old_net) + old_states, _weights(new_net) + new_states):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7)
+    # every device's updater holds the same states (one per device, same updates)
+    for a, b in zip(new_states, [new._updaters[1].states[k].asnumpy() for k in sorted(new._updaters[1].states)]):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_a_checkpoint_written_with_kvstore_updates_resumes_with_local_ones(tmp_path):
+    """An older run's checkpoint (update_on_kvstore=True: the kvstore updater's states) resumes
+    in today's trainer (one updater per device) as the uninterrupted older run continues;
+    and a checkpoint of today's trainer resumes in the older mode."""
+    for writer_runtime in (False, True):
+        net, _ = _net(0), None
+        trainer, schedule = _trainer(net, "device", runtime=writer_runtime)
+        _step(net, trainer, 0)
+        _step(net, trainer, 1)
+        path = str(tmp_path / ("%d.ckpt" % writer_runtime))
+        blocks = collections.OrderedDict([("net", net)])
+        checkpoint.save(path, checkpoint.capture(blocks, {"net": trainer}, schedule, {"step": 2}, META,
+                                                 workdir=str(tmp_path)))
+        _step(net, trainer, 2)  # the uninterrupted run
+        expected = _weights(net) + _states(trainer)
+
+        net2 = _net(5)  # other weights: the checkpoint must set them
+        trainer2, schedule2 = _trainer(net2, "device", runtime=not writer_runtime)
+        checkpoint.restore(path, collections.OrderedDict([("net", net2)]), {"net": trainer2}, schedule2, META)
+        assert isinstance(trainer2._optimizer, fast_optim.SGD)
+        _step(net2, trainer2, 2)
+        assert bool(trainer2._update_on_kvstore) == writer_runtime
+        for a, b in zip(expected, _weights(net2) + _states(trainer2)):
+            np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7)
