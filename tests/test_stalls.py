@@ -107,3 +107,68 @@ def test_a_checkpoint_written_with_kvstore_updates_resumes_with_local_ones(tmp_p
         assert bool(trainer2._update_on_kvstore) == writer_runtime
         for a, b in zip(expected, _weights(net2) + _states(trainer2)):
             np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7)
+
+
+# ---------------------------------------------------------------- 3. static graphs (FGVC)
+
+def _fgvc_case(name, static):
+    """The method ``name`` at its demo backbone and size, 3 classes, hybridized as the
+    runtime does (``static``) or as it did (plain ``hybridize()`` of the same blocks)."""
+    import fgvc_gluon.family  # noqa: F401  (registers the methods)
+    from fgvc_gluon.registry import METHODS
+    from training_runtime.config import ModelConfig
+    entry = METHODS.get(name)
+    mx.random.seed(0)
+    np.random.seed(0)
+    options = {knob.name: entry.demo.get(knob.name, knob.default) for knob in entry.knobs}
+    size = min(entry.demo["image_size"], 32)  # S3N's demo 48 px: 3 backbone passes, slow here
+    task = entry.build(ModelConfig(method=name, backbone=entry.demo["backbone"], image_size=size,
+                                   pretrained=False, options=options), ("a", "b", "c"), mx.cpu())
+    if static:
+        task.hybridize()
+    else:
+        for block in list(task.blocks().values()) + list(task.loss_blocks()):
+            block.hybridize()
+    return task, size
+
+
+def _fgvc_trace(task, size):
+    """Losses, every gradient and the evaluation outputs over a batch of 2, then the
+    smaller last batch (1), then 2 again; the first evaluation's outputs are read again
+    at the end (static memory must not overwrite an output already returned)."""
+    out = []
+    params = [p for g in task.param_groups() for p in
+              (g.params.values() if hasattr(g.params, "values") else g.params)]
+    first = None
+    for step, n in enumerate((2, 1, 2)):
+        rs = np.random.RandomState(step)
+        data = mx.nd.array(rs.normal(size=(n, 3, size, size)).astype(np.float32))
+        label = mx.nd.array(rs.randint(0, 3, n), dtype="int64")
+        index = mx.nd.arange(n, dtype="int64")
+        loop.reseed(0, 0, step)  # MC-Loss draws its mask from numpy
+        with autograd.record():
+            loss = task.training_loss(data, label, index, 0)
+        loss.backward()
+        out.append(loss.asnumpy())
+        out.extend(p.grad().asnumpy() for p in params if p.grad_req != "null")
+        loop.reseed(0, 1, step)
+        predictions = task.predict(data, 30)  # past S3N's random evaluation epochs
+        if first is None:
+            first = predictions
+        out.extend(v.asnumpy() for v in predictions.values())
+    out.extend(v.asnumpy() for v in first.values())
+    return out
+
+
+@pytest.mark.parametrize("name", ["baseline", "mcloss", pytest.param("s3n", marks=pytest.mark.slow),
+                                  "centerloss"])  # S3N: about 10 s on 2 cores
+def test_static_graphs_give_the_same_numbers(name):
+    static, size = _fgvc_case(name, True)
+    flags = [dict(b._flags) for block in static.blocks().values()
+             for b in [block] + [c for c in block._children.values()] if isinstance(b, gluon.HybridBlock)]
+    assert flags and all(f.get("static_alloc") and f.get("static_shape") for f in flags)
+    reference = _fgvc_trace(*_fgvc_case(name, False))
+    actual = _fgvc_trace(static, size)
+    assert len(actual) == len(reference) > 6
+    for a, b in zip(reference, actual):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
