@@ -172,3 +172,20 @@ def test_static_graphs_give_the_same_numbers(name):
     assert len(actual) == len(reference) > 6
     for a, b in zip(reference, actual):
         np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------- 2. pinned memory for GPUs
+
+def test_loaders_pin_memory_exactly_for_gpu_contexts(tmp_path):
+    """Built for fake GPU contexts, never run (no GPU here): the training loader and the
+    evaluation loaders pin on the first GPU; CPU contexts never."""
+    from test_runner import linear_data, make_runner
+    runner = make_runner(tmp_path)
+    data, batches = linear_data(), [[0, 1, 2], [3, 4]]
+    built = [(runner._loader(batches), False, 0),
+             (loop.evaluation_loader(data, [mx.cpu(0), mx.cpu(1)], 4), False, 0)]
+    runner.ctx = [mx.gpu(1), mx.gpu(0)]
+    built += [(runner._loader(batches), True, 1),
+              (loop.evaluation_loader(data, [mx.gpu(2)], 4), True, 2)]
+    for loader, pinned, device in built:
+        assert (loader._pin_memory, loader._pin_device_id) == (pinned, device)

@@ -44,7 +44,7 @@ from mxnet import autograd, gluon
 from mxnet.gluon.contrib.nn import SyncBatchNorm
 from tqdm import tqdm
 
-from . import checkpoint, distributed, mixed_precision, plots
+from . import checkpoint, distributed, mixed_precision, plots, workers as data_workers
 from .ema import CHECKPOINT_NAME as EMA_NAME, WeightAverage
 from . import optim as fast_optim
 from .progress import EpochProgress, RecordLog, StepLog, start_line
@@ -410,11 +410,17 @@ def close_workers(loader):
         pool.join()
 
 
+def evaluation_loader(dataset, ctx, batch_size, num_workers=0):
+    """The DataLoader of ``dataset`` in order by ``batch_size`` with ``num_workers``;
+    batches in pinned memory when ``ctx`` are GPUs (:func:`~training_runtime.workers.pinning`)."""
+    return gluon.data.DataLoader(dataset, batch_size=batch_size, shuffle=False,
+                                 num_workers=num_workers, **data_workers.pinning(ctx))
+
+
 def evaluation_batches(dataset, ctx, batch_size, num_workers=0, desc="eval"):
     """(data, label) device slices of ``dataset`` in order: what
-    ``TrainingTask.evaluate`` and ``test_report`` consume."""
-    loader = gluon.data.DataLoader(dataset, batch_size=batch_size, shuffle=False,
-                                   num_workers=num_workers)
+    ``TrainingTask.evaluate`` and ``test_report`` consume (loader: :func:`evaluation_loader`)."""
+    loader = evaluation_loader(dataset, ctx, batch_size, num_workers)
     bar = progress_bar(len(loader), desc)
     for data, label in loader:
         used = ctx[:min(len(ctx), data.shape[0])]
@@ -569,10 +575,11 @@ class Runner(object):
         """The loader of this process's share of this epoch's remaining ``batches`` (global
         batches, lists of indices; --kvstore dist_*: each worker reads and augments only its
         share, seeded per sample as in one process): one for the epoch, its workers
-        prefetch 2 batches each."""
+        prefetch 2 batches each; batches in pinned memory when the contexts are GPUs."""
         shares = [distributed.shard(b, self.rank, self.world_size) for b in batches]
         return gluon.data.DataLoader(self.train_set, batch_sampler=epoch_keys(self.epoch, shares),
-                                     num_workers=self.config.data.num_workers)
+                                     num_workers=self.config.data.num_workers,
+                                     **data_workers.pinning(self.ctx))
 
     @contextlib.contextmanager
     def averaged_weights(self):
