@@ -177,9 +177,10 @@ def test_static_graphs_give_the_same_numbers(name):
 # ---------------------------------------------------------------- 2. pinned memory for GPUs
 
 def test_loaders_pin_memory_exactly_for_gpu_contexts(tmp_path):
-    """Built for fake GPU contexts, never run (no GPU here): the training loader and the
-    evaluation loaders pin on the first GPU; CPU contexts never."""
+    """Built for fake GPU contexts, never run (no GPU here): the training loader (its own or
+    the run's workers') and the evaluation loaders pin on the first GPU; CPU contexts never."""
     from test_runner import linear_data, make_runner
+    from training_runtime.workers import WorkerPool
     runner = make_runner(tmp_path)
     data, batches = linear_data(), [[0, 1, 2], [3, 4]]
     built = [(runner._loader(batches), False, 0),
@@ -187,5 +188,100 @@ def test_loaders_pin_memory_exactly_for_gpu_contexts(tmp_path):
     runner.ctx = [mx.gpu(1), mx.gpu(0)]
     built += [(runner._loader(batches), True, 1),
               (loop.evaluation_loader(data, [mx.gpu(2)], 4), True, 2)]
+    pool = WorkerPool({"train": runner.train_set, "val": data}, 2)
+    runner.workers = pool
+    built += [(runner._loader(batches), True, 1),
+              (loop.evaluation_loader(data, runner.ctx, 4, workers=pool), True, 1),
+              (loop.evaluation_loader(data, [mx.cpu()], 4, workers=pool), False, 0)]
+    assert type(built[-1][0]).__name__ == "PoolLoader" and pool.pids() == []  # nothing forked
     for loader, pinned, device in built:
         assert (loader._pin_memory, loader._pin_device_id) == (pinned, device)
+
+
+# ---------------------------------------------------------------- 4. one worker pool per run
+
+class _Noisy(gluon.data.Dataset):
+    """Linear data plus augmentation noise from numpy's generator (reseeded per sample by
+    IndexedDataset); touches ``<directory>/<split>-<pid>`` to show which process read it."""
+
+    def __init__(self, split, directory, noise):
+        from test_runner import linear_data
+        self.data, self.split, self.directory, self.noise = linear_data(), split, directory, noise
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, index):
+        open(os.path.join(self.directory, "%s-%d" % (self.split, os.getpid())), "a").close()
+        x, y = self.data[index]
+        if self.noise:
+            x = x + mx.nd.array(np.random.normal(0, 0.1, x.shape))
+        return x, y
+
+
+def _worker_runner(save_dir, num_workers, callbacks=()):
+    from test_runner import LinearTask, make_config
+    os.makedirs(str(save_dir), exist_ok=True)
+    seen = os.path.join(str(save_dir), "seen")
+    os.makedirs(seen, exist_ok=True)
+    mx.random.seed(0)
+    run = make_config(checkpoint_every=3, picture_images=0, figures="none")  # pictures: main process
+    run.optim = dataclasses.replace(run.optim, epochs=2)
+    run.data = dataclasses.replace(run.data, num_workers=num_workers)
+    runner = loop.Runner(LinearTask(), run, [mx.cpu()], make_schedule(run.optim), str(save_dir),
+                         _Noisy("train", seen, True), _Noisy("val", seen, False), {"script": "test"},
+                         callbacks, log=lambda *a: None)
+    return runner, seen
+
+
+class _Pids(loop.Callback):
+    def __init__(self):
+        self.seen = []
+
+    def on_step_end(self, runner):
+        self.seen.append(tuple(runner.workers.pids()))
+
+
+def _readers(seen):
+    """{split: set of pids that read it}."""
+    out = collections.defaultdict(set)
+    for name in os.listdir(seen):
+        split, pid = name.rsplit("-", 1)
+        out[split].add(int(pid))
+    return out
+
+
+def test_one_pool_of_workers_serves_the_whole_run(tmp_path):
+    """Two epochs and two evaluations with --num-workers 2: two processes read everything
+    (a pool per epoch and per evaluation would be up to eight), none is left after the run,
+    and the parameters are bitwise those of --num-workers 0 (per-sample augmentation seeds)."""
+    pids = _Pids()
+    runner, seen = _worker_runner(tmp_path / "w2", 2, [pids])
+    runner.run()
+    readers = _readers(seen)
+    workers = set(pids.seen[0])
+    assert len(workers) == 2 and os.getpid() not in workers
+    assert set(pids.seen) == {pids.seen[0]} and len(pids.seen) == 10  # 5 steps x 2 epochs
+    assert readers["train"] <= workers and readers["val"] <= workers and readers["val"]
+    assert runner.workers is None
+    for pid in workers:  # ended (and reaped) when run() returned
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    reference, seen0 = _worker_runner(tmp_path / "w0", 0)
+    reference.run()
+    assert set(_readers(seen0)["train"]) == {os.getpid()}
+    from test_runner import params
+    for name, value in params(reference).items():
+        np.testing.assert_array_equal(params(runner)[name], value)
+    # a run stopped mid-epoch (its workers end with it) resumes with new workers, exactly
+    from test_runner import StopAt
+    crashed, _ = _worker_runner(tmp_path / "crash", 2, [StopAt(7)])
+    with pytest.raises(KeyboardInterrupt):
+        crashed.run()
+    assert crashed.workers is None
+    resumed, _ = _worker_runner(tmp_path / "crash", 2)
+    resumed.resume(str(tmp_path / "crash" / checkpoint.LAST))
+    assert resumed.step == 6
+    resumed.run()
+    for name, value in params(reference).items():
+        np.testing.assert_array_equal(params(resumed)[name], value)
