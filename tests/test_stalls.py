@@ -24,8 +24,11 @@ META = {"script": "test"}
 def _net(seed):
     """Dense 256→300 (76 800 weights: the single-array kernel) and 300→3 (the aggregated one)."""
     mx.random.seed(seed)
-    net = gluon.nn.HybridSequential()
-    net.add(gluon.nn.Dense(300, in_units=256, activation="relu"), gluon.nn.Dense(3, in_units=300))
+    # a fixed prefix: the same parameter names (a Trainer orders its states by sorted name)
+    # whatever Gluon's global name counters are
+    net = gluon.nn.HybridSequential(prefix="stalls_")
+    with net.name_scope():
+        net.add(gluon.nn.Dense(300, in_units=256, activation="relu"), gluon.nn.Dense(3, in_units=300))
     net.initialize(mx.init.Xavier(), ctx=CTX)
     return net
 
