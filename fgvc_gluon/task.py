@@ -247,6 +247,10 @@ class FGVCTask(TrainingTask):
 
     def hybridize(self):
         """Hybridize ``blocks()`` and ``loss_blocks()`` (recursive: a plain Block's
-        HybridBlock children are hybridized)."""
+        HybridBlock children are hybridized) with static memory and shapes: the
+        input shapes are fixed by --image-size and --batch-size, so each graph's
+        memory is planned once (a smaller last batch, an evaluation or S3N's
+        deferred shapes plan again for their shapes; the numbers do not change:
+        tests/test_stalls.py)."""
         for block in list(self.blocks().values()) + list(self.loss_blocks()):
-            block.hybridize()
+            block.hybridize(static_alloc=True, static_shape=True)

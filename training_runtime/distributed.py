@@ -69,16 +69,25 @@ def world_size_mismatch(progress, world_size, path):
 
 
 def configure_trainer(trainer, kind):
-    """Set the kvstore a fresh (not yet stepped) Trainer will use.
+    """Set the kvstore a fresh (not yet stepped) Trainer will use; never ``update_on_kvstore``.
 
     Non-dist kinds: Gluon's own kvstore of that kind (``device`` is Gluon's
-    default, today's behaviour). Dist kinds: none (the gradients are reduced by
-    :class:`GradientReducer`) and local updates.
+    default) sums the gradients over the devices, and each device's updater
+    then applies the run's optimizer to its copy (``update_on_kvstore=False``):
+    the aggregated multi-array SGD of :mod:`training_runtime.optim` runs with
+    every kvstore. Gluon's default with several devices and a ``device`` /
+    ``local`` kvstore (update_on_kvstore=True) would instead update one
+    parameter at a time through a Python updater on the kvstore's copy and
+    broadcast the weights; the numbers are the same within float32 rounding
+    (tests/test_stalls.py) and ``Trainer.save_states`` writes the same format in
+    both modes (the updater's pickled states and optimizer), so checkpoints of
+    either mode resume in the other. Dist kinds: no kvstore of the trainer's own
+    (the gradients are reduced by :class:`GradientReducer`) and local updates.
     """
     if is_dist(kind):
         trainer._kvstore_params = {"kvstore": None, "update_on_kvstore": False}
     else:
-        trainer._kvstore_params = {"kvstore": kind, "update_on_kvstore": None}
+        trainer._kvstore_params = {"kvstore": kind, "update_on_kvstore": False}
     return trainer
 
 

@@ -21,8 +21,10 @@ devices) are reseeded from (seed, e, s) (and from (seed, e, EVAL_STEP) before
 an evaluation) for the model's own randomness (dropout, masks, random
 modes). Everything depends on the position only, never on the history of
 the process (MXNet's RNG state cannot be saved). The checkpoint keeps the
-number of batches consumed in the epoch; a resumed run skips them. Worker
-processes die with the run, even when it is SIGKILLed (Linux).
+number of batches consumed in the epoch; a resumed run skips them. With
+``--num-workers`` N one pool of worker processes, forked when the run starts,
+serves every epoch and evaluation (:mod:`training_runtime.workers`); the
+workers end with the run, even when it is SIGKILLed (Linux).
 
 Callbacks (:class:`Callback`) observe or alter a run at fixed points; the
 tests' kill, NaN and fault hooks are callbacks (tests/hooks.py).
@@ -44,7 +46,7 @@ from mxnet import autograd, gluon
 from mxnet.gluon.contrib.nn import SyncBatchNorm
 from tqdm import tqdm
 
-from . import checkpoint, distributed, mixed_precision, plots
+from . import checkpoint, distributed, mixed_precision, plots, workers as data_workers
 from .ema import CHECKPOINT_NAME as EMA_NAME, WeightAverage
 from . import optim as fast_optim
 from .progress import EpochProgress, RecordLog, StepLog, start_line
@@ -392,12 +394,14 @@ class MetricsLog(RecordLog):
 
 def make_trainer(params, optim, optimizer_params=None):
     """A Trainer with the run's optimizer, momentum and wd (``optim``: an
-    OptimConfig), overridden by the group's ``optimizer_params``."""
+    OptimConfig), overridden by the group's ``optimizer_params``. Never
+    ``update_on_kvstore`` (see :func:`distributed.configure_trainer`): each
+    device's updater runs the aggregated optimizer."""
     settings = {"learning_rate": optim.lr, "momentum": optim.momentum, "wd": optim.wd}
     settings.update(optimizer_params or {})
     if optim.optimizer == "sgd":  # mxnet's SGD, same numbers, faster kernels (training_runtime.optim)
-        return gluon.Trainer(params, fast_optim.SGD(**settings))
-    return gluon.Trainer(params, optim.optimizer, settings)
+        return gluon.Trainer(params, fast_optim.SGD(**settings), update_on_kvstore=False)
+    return gluon.Trainer(params, optim.optimizer, settings, update_on_kvstore=False)
 
 
 def close_workers(loader):
@@ -409,11 +413,24 @@ def close_workers(loader):
         pool.join()
 
 
-def evaluation_batches(dataset, ctx, batch_size, num_workers=0, desc="eval"):
+def evaluation_loader(dataset, ctx, batch_size, num_workers=0, workers=None):
+    """The loader of ``dataset`` in order by ``batch_size``: through ``workers`` (a
+    :class:`~training_runtime.workers.WorkerPool` holding ``dataset``: the run's
+    workers), else a DataLoader with ``num_workers`` of its own; batches in pinned
+    memory when ``ctx`` are GPUs (:func:`~training_runtime.workers.pinning`)."""
+    pin = data_workers.pinning(ctx)
+    if workers is not None and workers.serves(dataset) is not None:
+        order = list(range(len(dataset)))
+        return workers.loader(dataset, [order[i:i + batch_size] for i in range(0, len(order), batch_size)],
+                              **pin)
+    return gluon.data.DataLoader(dataset, batch_size=batch_size, shuffle=False,
+                                 num_workers=num_workers, **pin)
+
+
+def evaluation_batches(dataset, ctx, batch_size, num_workers=0, desc="eval", workers=None):
     """(data, label) device slices of ``dataset`` in order: what
-    ``TrainingTask.evaluate`` and ``test_report`` consume."""
-    loader = gluon.data.DataLoader(dataset, batch_size=batch_size, shuffle=False,
-                                   num_workers=num_workers)
+    ``TrainingTask.evaluate`` and ``test_report`` consume (loader: :func:`evaluation_loader`)."""
+    loader = evaluation_loader(dataset, ctx, batch_size, num_workers, workers)
     bar = progress_bar(len(loader), desc)
     for data, label in loader:
         used = ctx[:min(len(ctx), data.shape[0])]
@@ -424,13 +441,14 @@ def evaluation_batches(dataset, ctx, batch_size, num_workers=0, desc="eval"):
     bar.close()
 
 
-def evaluate(task, dataset, ctx, config, epoch, report=None):
+def evaluate(task, dataset, ctx, config, epoch, report=None, workers=None):
     """``task.evaluate`` on ``dataset`` (transformed items) after ``epoch``, with the
     generators reseeded from (seed, epoch, EVAL_STEP) first (S3N evaluates with a
     random mode in its first epochs); with ``report`` (a file) the task's
-    ``test_report`` instead."""
+    ``test_report`` instead. ``workers``: the run's WorkerPool (see evaluation_loader)."""
     reseed(config.runtime.seed, epoch, EVAL_STEP)
-    batches = evaluation_batches(dataset, ctx, config.runtime.batch_size, config.data.num_workers)
+    batches = evaluation_batches(dataset, ctx, config.runtime.batch_size, config.data.num_workers,
+                                 workers=workers)
     if report is not None:
         return task.test_report(batches, epoch, report)
     return task.evaluate(batches, epoch)
@@ -488,6 +506,9 @@ class Runner(object):
         self._signal = None
         self.train_set = IndexedDataset(train_set, config.runtime.seed)
         self.val_set = val_set
+        #: --num-workers N: the run's DataLoader workers, forked once in run() for training and
+        #: evaluation, ended when it returns (training_runtime.workers)
+        self.workers = None
         self.epoch, self.batch_in_epoch, self.step = 0, 0, 0
         self.best = -math.inf
         self.monitor = LossMonitor()
@@ -571,10 +592,14 @@ class Runner(object):
         """The loader of this process's share of this epoch's remaining ``batches`` (global
         batches, lists of indices; --kvstore dist_*: each worker reads and augments only its
         share, seeded per sample as in one process): one for the epoch, its workers
-        prefetch 2 batches each."""
+        prefetch 2 batches each (the run's :attr:`workers` when it has them); batches in
+        pinned memory when the contexts are GPUs."""
         shares = [distributed.shard(b, self.rank, self.world_size) for b in batches]
-        return gluon.data.DataLoader(self.train_set, batch_sampler=epoch_keys(self.epoch, shares),
-                                     num_workers=self.config.data.num_workers)
+        keys, pin = epoch_keys(self.epoch, shares), data_workers.pinning(self.ctx)
+        if self.workers is not None:
+            return self.workers.loader(self.train_set, keys, **pin)
+        return gluon.data.DataLoader(self.train_set, batch_sampler=keys,
+                                     num_workers=self.config.data.num_workers, **pin)
 
     @contextlib.contextmanager
     def averaged_weights(self):
@@ -650,7 +675,8 @@ class Runner(object):
         self.share_statistics()  # every device and worker evaluates with the same statistics
         with self.averaged_weights() as averaged:  # --ema: evaluated with the average
             metrics = {k: float(v) if isinstance(v, (int, float, np.number)) else v for k, v in
-                       evaluate(self.task, self.val_set, self.ctx, self.config, self.epoch).items()}
+                       evaluate(self.task, self.val_set, self.ctx, self.config, self.epoch,
+                                workers=self.workers).items()}
             if self.rank == 0:  # one writer of RUN/pictures
                 self._pictures()
         value = metrics[self.task.metric_name]
@@ -760,6 +786,11 @@ class Runner(object):
             # rank 0's parameters (fresh or restored by --resume) on every worker before the
             # first step; parameters with deferred shapes: after the first forward (train_step)
             self.reducer.broadcast()
+        if self.config.data.num_workers > 0:
+            # one fork for the whole run (each fork syncs MXNet's engine); the workers end
+            # when run() returns or raises, and die with this process if it is killed
+            self.workers = data_workers.WorkerPool({"train": self.train_set, "val": self.val_set},
+                                                   self.config.data.num_workers)
         try:
             self._run()
         except checkpoint.DivergedError as err:
@@ -770,6 +801,9 @@ class Runner(object):
                                                % (err, step, last))
             raise checkpoint.DivergedError("%s; no checkpoint was written yet" % err)
         finally:
+            if self.workers is not None:
+                self.workers.close()
+                self.workers = None
             self._restore_signal_handlers()
 
     def _run_steps(self):
@@ -831,7 +865,8 @@ class Runner(object):
                 if (runtime.checkpoint_every and self.step % runtime.checkpoint_every == 0
                         and self.batch_in_epoch < len(all_batches) and self._steps_left() > 0):
                     self.save()
-            # this epoch's worker processes end here (not whenever the loader is collected)
+            # a loader of its own (outside run()) ends its workers here, not whenever it is
+            # collected; the run's WorkerPool lives on
             batch_iter.close()
             close_workers(loader)
             bar.close()

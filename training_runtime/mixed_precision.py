@@ -23,6 +23,16 @@ so the step right after an overflow still runs at the old scale). A skipped
 step still ran its forward passes, so BatchNorm's running statistics have
 moved (as with ``amp.init_trainer``).
 
+Why the skip is decided on the host (docs/GPU.md "Stalls"): a device-side
+skip must leave weights and momentum exactly unchanged, and MXNet's SGD
+kernels take lr, wd and momentum as host scalars (zeroed gradients and lr
+would still apply ``momentum·mom`` and the weight decay); a correct no-op
+costs a saved copy of every weight and state restored with ``where`` (twice
+the parameters' memory, about 12 more passes over them per step) or an
+unfused update with device-side factors (about three times the fused
+kernel's traffic): more than the one read, which only delays enqueueing the
+update until the backward has finished.
+
 What is float32 under ``--amp``: parameters, gradients as the trainers see
 them, optimizer states, the losses (amp's float32 list: softmax,
 log_softmax, sum, ...), BatchNorm statistics, and everything an evaluation
