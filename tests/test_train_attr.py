@@ -175,6 +175,11 @@ def test_save_dir_holding_a_run_is_refused_unless_resume_or_overwrite(tmp_path):
     open(os.path.join(run, checkpoint.LAST), "w").write("old")
     cli.prepare_save_dir(_Args(run, resume="last"), "train_attr")
     assert os.path.exists(os.path.join(run, checkpoint.LAST))
+    # the old run's logs and folders too (else the new run appends to its steps.jsonl)
+    open(os.path.join(run, "steps.jsonl"), "w").write('{"step": 1}\n')
+    for folder, name in (("pictures", "attention_epoch0.png"), ("tensorboard", "events.out.tfevents.1")):
+        os.makedirs(os.path.join(run, folder))
+        open(os.path.join(run, folder, name), "w").close()
     cli.prepare_save_dir(_Args(run, overwrite=True), "train_attr")
     assert sorted(os.listdir(run)) == ["args.json"]  # the old run's files are gone
     with pytest.raises(UserError, match="--resume and --overwrite"):

@@ -17,17 +17,23 @@ import argparse
 import datetime
 import json
 import os
+import shutil
 import sys
 
 import mxnet as mx
 
 from . import checkpoint, gpus
 from .errors import RunInterrupted, UserError, writing
-from .loop import ARGS_FILE, CURVES_FILE, METRICS_FILE, RESUMES_FILE, TEST_FILE
+from .loop import ARGS_FILE, CURVES_FILE, METRICS_FILE, PICTURES_DIR, RESUMES_FILE, TEST_FILE
+from .progress import STEPS_FILE
+from .tensorboard import EVENTS_DIR
 
 #: files that make a directory "hold a run" (and that --overwrite removes)
-RUN_FILES = (ARGS_FILE, RESUMES_FILE, METRICS_FILE, CURVES_FILE, TEST_FILE, checkpoint.LAST,
-             checkpoint.BEST)
+RUN_FILES = (ARGS_FILE, RESUMES_FILE, METRICS_FILE, STEPS_FILE, CURVES_FILE, TEST_FILE,
+             checkpoint.LAST, checkpoint.BEST)
+#: folders a run writes, removed with its files by --overwrite (else the new run's logs and
+#: pictures would mix with the old run's)
+RUN_DIRS = (PICTURES_DIR, EVENTS_DIR)
 TRACEBACK_ENV = "TRAINING_RUNTIME_TRACEBACK"
 
 
@@ -104,6 +110,11 @@ def prepare_save_dir(args, script, config=None, argv=None):
             if os.path.exists(path):
                 with writing(path, "remove the old run's file"):
                     os.remove(path)
+        for name in RUN_DIRS:
+            path = os.path.join(directory, name)
+            if os.path.isdir(path):
+                with writing(path, "remove the old run's folder"):
+                    shutil.rmtree(path)
     try:
         os.makedirs(directory, exist_ok=True)
     except OSError as err:
