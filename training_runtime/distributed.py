@@ -25,8 +25,8 @@ KINDS = ("device", "local") + DIST_KINDS
 _STORE = {}
 
 
-#: the key of the step's summed training loss (the logs show the global batch's loss)
-LOSS_KEY = "__loss__/sum"
+#: the all_sum name of the step's summed training loss (the logs show the global batch's loss)
+LOSS_NAME = "__loss__"
 
 
 def is_dist(kind):
@@ -91,6 +91,11 @@ def configure_trainer(trainer, kind):
     return trainer
 
 
+def _sum_key(name, shape):
+    """The kvstore key of :meth:`GradientReducer.all_sum` for ``name`` and ``shape``."""
+    return "%s/%s" % (name, "x".join(str(d) for d in shape))
+
+
 def shard_bounds(n, rank, size):
     """(start, stop) of worker ``rank``'s part of a global batch of ``n`` samples over
     ``size`` workers: consecutive, sizes differing by at most one (N // size or
@@ -131,7 +136,7 @@ class GradientReducer(object):
         self.initialised = False
         self._synced_step = None
         self._sum_buffers = {}
-        self._loss_buffer = None
+        self._summed_keys = set()  # all_sum keys the kvstore holds
 
     def ready(self):
         """True when every parameter has its shape (deferred ones get it at the first forward)."""
@@ -150,7 +155,9 @@ class GradientReducer(object):
         before = [p.data().copy() for _, p in self.params] if check_unchanged else None
         both = self.params + self.aux
         keys = [key for key, _ in both]
-        self.kv.init(keys + [LOSS_KEY], [p.data() for _, p in both] + [mx.nd.zeros((1,))])
+        loss_key = _sum_key(LOSS_NAME, (1,))
+        self.kv.init(keys + [loss_key], [p.data() for _, p in both] + [mx.nd.zeros((1,))])
+        self._summed_keys.add(loss_key)
         self.kv.pull(keys, out=[p.list_data() for _, p in both])  # rank 0's values
         for _, p in both:
             for data in p.list_data():
@@ -190,12 +197,14 @@ class GradientReducer(object):
         (every worker calls it with the same ``name`` and shape, in the same order).
         A key per name and shape, created at its first use (a barrier). Returns a new
         NDArray on ``value``'s context; no host sync."""
-        key = "%s/%s" % (name, "x".join(str(d) for d in value.shape))
-        buffer = self._sum_buffers.get(key)
-        if buffer is None:
+        key = _sum_key(name, value.shape)
+        if key not in self._summed_keys:
             # kv.init changes the kvstore's tables (and is a barrier): with nothing in flight
             mx.nd.waitall()
             self.kv.init(key, mx.nd.zeros(value.shape, dtype=value.dtype))
+            self._summed_keys.add(key)
+        buffer = self._sum_buffers.get(key)
+        if buffer is None or buffer.context != value.context:
             buffer = self._sum_buffers[key] = mx.nd.zeros(value.shape, ctx=value.context,
                                                           dtype=value.dtype)
         # one buffer per key, pushed and pulled in place: on the CPU the kvstore keeps the
@@ -218,16 +227,8 @@ class GradientReducer(object):
             raise RuntimeError("GradientReducer.reduce before broadcast")
         for priority, (key, p) in enumerate(self.params):
             self.kv.push(key, p.list_grad(), priority=-priority)
-        if loss_sum is not None:
-            # pushed and pulled in place in one buffer (see all_sum: a fresh array per step let
-            # a pending pull write into the next step's array: wrong logged losses)
-            if self._loss_buffer is None or self._loss_buffer.context != loss_sum.context:
-                self._loss_buffer = mx.nd.zeros((1,), ctx=loss_sum.context)
-            loss_sum.reshape((1,)).astype("float32", copy=False).copyto(self._loss_buffer)
-            self.kv.push(LOSS_KEY, self._loss_buffer, priority=-len(self.params))
         for priority, (key, p) in enumerate(self.params):
             self.kv.pull(key, out=p.list_grad(), priority=-priority)
         if loss_sum is None:
             return None
-        self.kv.pull(LOSS_KEY, out=self._loss_buffer, priority=-len(self.params))
-        return self._loss_buffer.copy()
+        return self.all_sum(LOSS_NAME, loss_sum.reshape((1,)).astype("float32", copy=False))

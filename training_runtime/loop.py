@@ -420,9 +420,7 @@ def evaluation_loader(dataset, ctx, batch_size, num_workers=0, workers=None):
     memory when ``ctx`` are GPUs (:func:`~training_runtime.workers.pinning`)."""
     pin = data_workers.pinning(ctx)
     if workers is not None and workers.serves(dataset) is not None:
-        order = list(range(len(dataset)))
-        return workers.loader(dataset, [order[i:i + batch_size] for i in range(0, len(order), batch_size)],
-                              **pin)
+        return workers.loader(dataset, batch_indices(range(len(dataset)), batch_size), **pin)
     return gluon.data.DataLoader(dataset, batch_size=batch_size, shuffle=False,
                                  num_workers=num_workers, **pin)
 
